@@ -1,0 +1,216 @@
+"""Mamba2 mixer (SSD), parameter-compatible with mamba_ssm.modules.mamba2.Mamba2.
+
+Parameter names, shapes and initialisation follow mamba-ssm, so a state dict moves between our
+PyTorch path (`backend="torch"`, runs anywhere) and the CUDA kernels (`backend="kernels"`:
+mamba-ssm's `mamba_chunk_scan_combined`, plus causal-conv1d when installed). `backend="auto"`
+takes the kernels when they are importable and the input is on CUDA.
+
+History state per sequence (spec §3): ssm = nheads·headdim·d_state, conv = conv_dim·(d_conv−1),
+with conv_dim = d_inner + 2·ngroups·d_state. Step mode carries exactly those tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from l2m.models.ssd import ssd_chunked, ssd_step
+
+BACKENDS = ("auto", "torch", "kernels")
+_INSTALL_HINT = (
+    "install the CUDA extras (`pip install mamba-ssm causal-conv1d`, needs CUDA torch and nvcc) "
+    "or use backend='torch'"
+)
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    """(mamba_chunk_scan_combined, causal_conv1d_fn or None), or None without mamba-ssm."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return mamba_chunk_scan_combined, causal_conv1d_fn
+
+
+def kernels_available() -> bool:
+    return _kernels() is not None
+
+
+class RMSNormGated(nn.Module):
+    """norm(x · silu(z)) · weight, RMS taken over groups of `group_size` channels.
+
+    mamba_ssm.ops.triton.layernorm_gated.RMSNorm with norm_before_gate=False (Mamba2's setting).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = hidden_size if group_size is None else group_size
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float() * F.silu(z.float())
+        x = x.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (x.flatten(-2) * self.weight.float()).to(dtype)
+
+
+class Mamba2(nn.Module):
+    """Mamba2 mixer: in_proj -> [z, x, B, C, dt]; causal depthwise conv on [x, B, C]; SSD scan;
+    gated RMSNorm with z; out_proj. (B, T, d_model) -> (B, T, d_model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        backend: str = "auto",
+        layer_idx: int | None = None,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        for name, value in [("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
+                            ("expand", expand), ("headdim", headdim), ("ngroups", ngroups),
+                            ("chunk_size", chunk_size)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Mamba2: {name} must be a positive integer, got {value!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"Mamba2: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "kernels" and not kernels_available():
+            raise ImportError(f"Mamba2: backend='kernels' needs mamba-ssm, which is not importable: {_INSTALL_HINT}")
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise ValueError(
+                f"Mamba2: headdim={headdim} must divide d_inner = expand*d_model = {d_inner}; "
+                f"change headdim, d_model or expand"
+            )
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(
+                f"Mamba2: ngroups={ngroups} must divide nheads = d_inner/headdim = {nheads}; "
+                f"change ngroups or headdim"
+            )
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        self.d_inner, self.nheads = d_inner, nheads
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.backend = backend
+        self.layer_idx = layer_idx
+
+        # Registration order and names as in mamba-ssm (state dicts line up key by key).
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        # dt = softplus(raw + dt_bias) starts log-uniform in [dt_min, dt_max]: dt_bias = softplus^-1(dt)
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_log) < 0, one decay rate per head, uniform in A_init_range
+        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # the convention mamba-ssm's optimiser grouping reads
+        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"ngroups={self.ngroups}, chunk_size={self.chunk_size}, backend={self.backend!r}")
+
+    def _use_kernels(self, x: Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "kernels":
+            if not x.is_cuda:
+                raise ValueError(
+                    f"Mamba2: backend='kernels' needs CUDA tensors, got input on {x.device}; "
+                    f"move the model to a GPU or use backend='torch' (or 'auto')"
+                )
+            return True
+        return x.is_cuda and kernels_available()
+
+    def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., conv_dim) -> x (..., nheads, headdim), B and C (..., ngroups, d_state)."""
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        return (x.unflatten(-1, (self.nheads, self.headdim)),
+                B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)))
+
+    def _scan_inputs(self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, ...]:
+        """(x, dt, A, B, C, D) for the scan, in at least float32 as in the kernels (cumulative
+        log-decays lose too much in bf16/fp16), with dt = softplus(dt + dt_bias) and A = -exp(A_log)."""
+        f = torch.promote_types(x.dtype, torch.float32)
+        dt = F.softplus(dt.to(f) + self.dt_bias.to(f))
+        return x.to(f), dt, -torch.exp(self.A_log.to(f)), B.to(f), C.to(f), self.D.to(f)
+
+    def forward(self, u: Tensor) -> Tensor:
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2: input must be (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
+        T = u.shape[1]
+        use_kernels = self._use_kernels(u)
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+        conv_fn = _kernels()[1] if use_kernels else None
+        if conv_fn is not None:
+            xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                          activation="silu").transpose(1, 2)
+        else:  # symmetric padding d_conv-1 then keep the first T outputs = causal conv
+            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :T].transpose(1, 2))
+        x, B, C = self._split_xbc(xBC)  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
+
+        if use_kernels:  # the kernel applies softplus(dt + dt_bias) itself and computes in float32
+            A = -torch.exp(self.A_log.float())
+            y = _kernels()[0](x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        else:
+            with torch.autocast(u.device.type, enabled=False):
+                x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
+                y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D).to(u.dtype)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        """Zero state: conv_state (batch, conv_dim, d_conv-1) holds the last d_conv-1 conv inputs,
+        ssm_state (batch, nheads, headdim, d_state)."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype)
+        return conv_state, ssm_state
+
+    def step(self, u: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One token: u (batch, d_model) -> y (batch, d_model) and the new state (inputs untouched).
+
+        Plain PyTorch on every backend: a step is a handful of small ops either way."""
+        if u.ndim != 2 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2.step: input must be (batch, d_model={self.d_model}), got {tuple(u.shape)}")
+        conv_state, ssm_state = state
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        window = torch.cat([conv_state, xBC.unsqueeze(-1)], dim=-1)  # (b, conv_dim, d_conv)
+        xBC = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)
+        x, B, C = self._split_xbc(xBC)  # (b, h, p), (b, g, n), (b, g, n)
+        with torch.autocast(u.device.type, enabled=False):
+            x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
+            y, new_ssm_state = ssd_step(ssm_state.to(x.dtype), x, dt, A, B, C, D)
+        y = self.out_proj(self.norm(y.to(u.dtype).flatten(-2), z))
+        return y, (window[..., 1:].to(conv_state.dtype), new_ssm_state.to(ssm_state.dtype))
+
+    def state_breakdown(self) -> dict[str, int]:
+        """Scalars of history state per sequence (constant in time)."""
+        return {"ssm": self.nheads * self.headdim * self.d_state, "conv": self.conv_dim * (self.d_conv - 1)}
