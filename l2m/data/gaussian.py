@@ -1,0 +1,348 @@
+"""The sub-volume Gaussian family: synthetic sequences whose mutual information is known exactly.
+
+One copy is a zero-mean, unit-variance Gaussian vector of length L = 4**levels built by a
+hierarchy of 4×4 rotations (spec §2). Its covariance Σ is built directly in covariance form,
+level by level, with Kronecker products; everything else follows from Σ and its Cholesky
+factor R (Σ = R Rᵀ, R lower triangular):
+
+* bipartite MI   I(X;Y) = ½ [log det Σ_XX + log det Σ_YY − log det Σ]
+* two-point MI   I(Z_i; Z_j) = −½ log(1 − Σ_ij²)
+* sampling       z = R ε,  ε ~ N(0, I)
+* conditionals   p(z_i | z_<i) = N(μ_i, σ_i²),  σ_i = R_ii,  μ = z − σ ⊙ (R⁻¹ z)
+                 (= z − σ ⊙ ε for a sample drawn from its noise ε: no solve needed).
+
+Σ and R are float64, computed once per (levels, kind) and shared by every instance, whatever
+its `copies`. They are cached: treat `.covariance` and `.cholesky` as read-only.
+
+Cost (this 2-core CPU, float64; one L×L matrix is 8·L² bytes):
+
+=======  =======  ==========  =====================================================
+levels   L        one matrix  Σ + R build (time, peak resident memory)
+=======  =======  ==========  =====================================================
+6        4,096    134 MB      0.5 s, 0.5 GB
+7        16,384   2.1 GB      ~30 s, 6.5 GB (Σ and R stay cached: 4.3 GB);
+                              bipartite_mi adds one more factorisation (~25 s)
+8        65,536   34 GB       ~30 min, > 100 GB: refused with MemoryError on
+                              machines that lack the memory
+=======  =======  ==========  =====================================================
+
+A batch of B sequences costs one (L×L)·(L×B·copies) product: no O(L³) work per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+
+import torch
+
+KINDS = ("subvolume", "log")
+MAX_LEVELS = 8
+
+_GAMMA = math.sqrt(5.0) / 4.0
+_RHO = 0.25
+# Rows are unit vectors, so every level keeps unit variances.
+_M = torch.tensor(
+    [
+        [_GAMMA, _GAMMA, _GAMMA, _RHO],
+        [-_GAMMA, _GAMMA, -_GAMMA, _RHO],
+        [-_GAMMA, -_GAMMA, _GAMMA, _RHO],
+        [_GAMMA, -_GAMMA, -_GAMMA, _RHO],
+    ],
+    dtype=torch.float64,
+)
+
+
+def _validate(levels, kind, copies) -> None:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be an int in 1..{MAX_LEVELS} (L = 4**levels), got {levels!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+
+
+def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
+    """Fail fast, with the numbers, instead of letting the OS kill the process mid-build."""
+    needed = n_matrices * 8 * seq_len**2
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: nothing to check against
+        return
+    if needed > available:
+        raise MemoryError(
+            f"{what} for L={seq_len} needs about {needed / 1e9:.0f} GB of memory (float64 L×L "
+            f"matrices), only {available / 1e9:.0f} GB available; use fewer levels "
+            f"(levels=7, L=16,384 needs ~7 GB) or a machine with more memory"
+        )
+
+
+def _level_blocks(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with Σ_k = Σ_{k−1} ⊗ A + I_n ⊗ B (spec §2, steps 1–2 in covariance form)."""
+    gram = _M @ _M.T
+    if kind == "subvolume":  # rows (Y¹_i, Y²_i, Y³_i, W_i): three copies share Σ_{k−1}
+        fresh = _RHO**2 * torch.ones(4, 4, dtype=torch.float64)
+    else:  # rows (Y_i, W_i1, W_i2, W_i3): one copy, three fresh variables
+        m = _M[:, :1]
+        fresh = gram - m @ m.T
+    return gram - fresh, fresh
+
+
+def _couple_pairs(first: torch.Tensor, second: torch.Tensor, t_diag: torch.Tensor, t_off: torch.Tensor, dim: int) -> None:
+    """In place: (first, second) ← T (first, second) along `dim` for all disjoint pairs at once."""
+    shape = [1, 1]
+    shape[dim] = -1  # broadcast the per-pair coefficients along the pair index
+    td, to = t_diag.view(shape), t_off.view(shape)
+    old_first = first.clone()
+    first.mul_(td).add_(second * to)
+    second.mul_(td).add_(old_first.mul_(to))
+
+
+@functools.lru_cache(maxsize=2 * MAX_LEVELS)
+def _covariance(levels: int, kind: str) -> torch.Tensor:
+    """Σ of one copy, (L, L) float64. Recursion reuses the cached smaller levels."""
+    if levels == 1:
+        return _M @ _M.T
+    prev = _covariance(levels - 1, kind)
+    n, seq_len = prev.shape[0], 4 * prev.shape[0]
+    _require_memory(2.5, seq_len, "the covariance")
+    a, b = _level_blocks(kind)
+    # Steps 1–2: Σ[(i,p),(j,q)] = Σ_{k−1}[i,j] A[p,q] + δ_ij B[p,q], written straight into (n,4,n,4).
+    cov = prev[:, None, :, None] * a[None, :, None, :]
+    cov.diagonal(dim1=0, dim2=2).add_(b[..., None])
+    cov = cov.view(seq_len, seq_len)
+
+    # Step 3: couple (Z_{i,4}, Z_{i+1,1}) for i = 1..n−1, pairs (4i+3, 4i+4) in 0-based indices.
+    rows = cov.view(n, 4, seq_len)
+    c0 = rows[:-1, 3].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(1, n), 0]
+    c_left = rows[:-1, 3].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(n - 1), 2]
+    c_right = rows[1:, 0].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(1, n), 1]
+    c1 = 0.4 * (c_left + c_right) + 0.2 * c0
+    # T = C1^{1/2} C0^{−1/2}, diagonal in the basis (1,1)/√2, (1,−1)/√2.
+    s_plus = torch.sqrt((1 + c1) / (1 + c0))
+    s_minus = torch.sqrt((1 - c1) / (1 - c0))
+    t_diag, t_off = (s_plus + s_minus) / 2, (s_plus - s_minus) / 2
+    _couple_pairs(rows[:-1, 3], rows[1:, 0], t_diag, t_off, dim=0)  # Σ ← T Σ
+    cols = cov.view(seq_len, n, 4)
+    _couple_pairs(cols[:, :-1, 3], cols[:, 1:, 0], t_diag, t_off, dim=1)  # Σ ← Σ Tᵀ
+    return cov
+
+
+@functools.lru_cache(maxsize=4)
+def _cholesky(levels: int, kind: str) -> torch.Tensor:
+    cov = _covariance(levels, kind)
+    _require_memory(1.0, cov.shape[0], "the Cholesky factor")
+    return torch.linalg.cholesky(cov)
+
+
+@functools.lru_cache(maxsize=2 * MAX_LEVELS)
+def _log_diag_reversed(levels: int, kind: str) -> torch.Tensor:
+    """log diag of the Cholesky factor of Σ in reversed order: log det of every trailing block.
+
+    Only the diagonal is kept, so this costs one O(L³) factorisation once and O(L) memory after.
+    """
+    cov = _covariance(levels, kind)
+    _require_memory(2.0, cov.shape[0], "the reversed Cholesky factor")
+    return torch.linalg.cholesky(cov.flip(0, 1)).diagonal().log()
+
+
+class GaussianFamily:
+    """`copies` independent copies of the sub-volume (or log) Gaussian sequence of length 4**levels.
+
+    Token i of a sequence is the vector (Z_i of copy 1, ..., Z_i of copy `copies`); every copy
+    shares Σ, so all MI values and entropies are `copies` times those of one copy.
+
+    >>> fam = GaussianFamily(3)              # L = 64, 64 copies
+    >>> x = fam.sample(4)                    # (4, 65, 64) float32, x[:, 0] == 0 (BOS)
+    >>> mean, std = fam.conditional(x)       # exact p(z_i | z_<i), each (4, 64, 64)
+    >>> fam.bipartite_mi(), fam.two_point_mi(1, 64)   # nats, all copies
+    """
+
+    def __init__(self, levels: int, kind: str = "subvolume", copies: int = 64):
+        _validate(levels, kind, copies)
+        self.levels, self.kind, self.copies = levels, kind, copies
+        self.seq_len = 4**levels
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"GaussianFamily(levels={self.levels}, kind={self.kind!r}, copies={self.copies})"
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Σ of one copy, (L, L) float64, unit diagonal. Shared cache: do not modify in place."""
+        return _covariance(self.levels, self.kind)
+
+    @property
+    def cholesky(self) -> torch.Tensor:
+        """Lower-triangular R with Σ = R Rᵀ, (L, L) float64. Shared cache: do not modify in place."""
+        return _cholesky(self.levels, self.kind)
+
+    @property
+    def conditional_std(self) -> torch.Tensor:
+        """(L,) float64: σ_i = R_ii, the std of p(z_i | z_<i) (the same for every sequence)."""
+        return self.cholesky.diagonal()
+
+    # ---- exact information quantities ----
+
+    def bipartite_mi(self, split: int | None = None) -> float:
+        """I(Z_1..Z_split ; Z_split+1..Z_L) in nats for all copies; default split = L/2."""
+        split = self.seq_len // 2 if split is None else split
+        if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= self.seq_len - 1:
+            raise ValueError(f"split must be an int in 1..{self.seq_len - 1} (L={self.seq_len}), got {split!r}")
+        log_r = self.conditional_std.log()  # log det Σ_XX = 2 Σ_{i≤split} log R_ii
+        log_r_rev = _log_diag_reversed(self.levels, self.kind)
+        log_det_x = 2 * log_r[:split].sum()
+        log_det_y = 2 * log_r_rev[: self.seq_len - split].sum()
+        log_det = 2 * log_r.sum()
+        return self.copies * 0.5 * float(log_det_x + log_det_y - log_det)
+
+    def two_point_mi(self, i: int, j: int) -> float:
+        """I(Z_i; Z_j) in nats for all copies; positions are 1-based and must differ."""
+        for name, pos in (("i", i), ("j", j)):
+            if isinstance(pos, bool) or not isinstance(pos, int) or not 1 <= pos <= self.seq_len:
+                raise ValueError(f"{name} must be a 1-based position in 1..{self.seq_len}, got {pos!r}")
+        if i == j:
+            raise ValueError(f"i and j must differ (the MI of a variable with itself is infinite), got {i}")
+        rho = float(self.covariance[i - 1, j - 1])
+        return self.copies * -0.5 * math.log1p(-rho * rho)
+
+    def conditional_entropy(self) -> torch.Tensor:
+        """(L,) float64: H(Z_i | Z_<i) = ½ log(2πe σ_i²) summed over copies — the NLL floor."""
+        return self.copies * (0.5 * math.log(2 * math.pi * math.e) + self.conditional_std.log())
+
+    # ---- sampling and conditionals ----
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """ε ~ N(0, I), (batch, L, copies) float64 on CPU (device-independent randomness)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        return torch.randn(batch, self.seq_len, self.copies, dtype=torch.float64, generator=generator)
+
+    def from_noise(self, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sequences z = R ε and their exact conditionals, computed on eps.device in float64.
+
+        eps: (B, L, copies). Returns float32 {"x": (B, L+1, copies) with the all-zero BOS at
+        index 0, "mean": (B, L, copies), "std": (1, L, copies)}. Float64 because the targets
+        must stay exact: a TF32/bf16 matmul would perturb z by ~1e-3.
+        """
+        if eps.dim() != 3 or eps.shape[1:] != (self.seq_len, self.copies):
+            raise ValueError(f"eps must have shape (batch, {self.seq_len}, {self.copies}), got {tuple(eps.shape)}")
+        r = self._cholesky_on(eps.device)
+        eps = eps.to(torch.float64)
+        batch = eps.shape[0]
+        # One GEMM for the whole batch: (L, L) @ (L, B·copies).
+        z = (r @ eps.transpose(0, 1).reshape(self.seq_len, -1)).view(self.seq_len, batch, -1).transpose(0, 1)
+        sigma = r.diagonal()[None, :, None]  # (1, L, 1)
+        mean = z - sigma * eps  # = Σ_{j<i} R_ij ε_j: the part of z_i known from z_<i
+        x = torch.zeros(batch, self.seq_len + 1, self.copies, dtype=torch.float32, device=eps.device)
+        x[:, 1:] = z
+        std = sigma.to(torch.float32).expand(1, self.seq_len, self.copies)
+        return {"x": x, "mean": mean.to(torch.float32), "std": std}
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(batch, L+1, copies) float32 sequences with the all-zero BOS token at index 0."""
+        return self.from_noise(self.noise(batch, generator))["x"]
+
+    def conditional(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (mean, std) of p(z_i | z_<i) for i = 1..L, each (batch, L, copies) float32.
+
+        x is shaped like `sample`'s output, (batch, L+1, copies) with BOS at index 0. Costs one
+        triangular solve R w = z (O(L²) per sequence and copy), in float64 on x.device.
+        """
+        if x.dim() != 3 or x.shape[1:] != (self.seq_len + 1, self.copies):
+            raise ValueError(
+                f"x must have shape (batch, {self.seq_len + 1}, {self.copies}) = (batch, L+1, copies) "
+                f"with BOS at index 0, got {tuple(x.shape)}"
+            )
+        r = self._cholesky_on(x.device)
+        z = x[:, 1:].to(torch.float64)
+        batch = z.shape[0]
+        eps = torch.linalg.solve_triangular(r, z.transpose(0, 1).reshape(self.seq_len, -1), upper=False)
+        eps = eps.view(self.seq_len, batch, -1).transpose(0, 1)
+        sigma = r.diagonal()[None, :, None]
+        mean = z - sigma * eps
+        std = sigma.to(torch.float32).expand(batch, self.seq_len, self.copies)
+        return mean.to(torch.float32), std
+
+    def _cholesky_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.cholesky
+        if device not in self._on_device:
+            self._on_device[device] = self.cholesky.to(device)
+        return self._on_device[device]
+
+
+# ---- command line: the MI table ----
+
+
+def _parse_levels(text: str) -> list[int]:
+    """'2-6' or '2,3,5' -> list of levels."""
+    try:
+        if "-" in text:
+            lo, hi = (int(s) for s in text.split("-"))
+            levels = list(range(lo, hi + 1))
+        else:
+            levels = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must look like '2-6' or '2,3,4', got {text!r}") from None
+    if not levels or any(not 1 <= k <= MAX_LEVELS for k in levels):
+        raise argparse.ArgumentTypeError(f"levels must lie in 1..{MAX_LEVELS}, got {text!r}")
+    return levels
+
+
+def mi_table(levels: list[int], kind: str, copies: int = 1) -> list[dict]:
+    """One row per level: L, I_BP(L/2; L), antipodal I_TP(1, L), σ_L (nats, `copies` copies)."""
+    rows = []
+    for k in levels:
+        fam = GaussianFamily(k, kind, copies)
+        rows.append(
+            {
+                "levels": k,
+                "L": fam.seq_len,
+                "i_bp": fam.bipartite_mi(),
+                "i_tp": fam.two_point_mi(1, fam.seq_len),
+                "sigma_last": float(fam.conditional_std[-1]),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from l2m.mi import fit_power_law
+
+    parser = argparse.ArgumentParser(
+        prog="python -m l2m.data.gaussian", description="Exact MI of the sub-volume and log Gaussian families."
+    )
+    parser.add_argument("--levels", type=_parse_levels, default=_parse_levels("2-6"), help="e.g. 2-6 (L = 4**levels)")
+    parser.add_argument("--kind", choices=(*KINDS, "both"), default="both")
+    parser.add_argument("--copies", type=int, default=1, help="MI scales linearly with copies (default 1)")
+    args = parser.parse_args(argv)
+    if args.copies < 1:
+        parser.error(f"--copies must be >= 1, got {args.copies}")
+
+    console = Console()
+    for kind in KINDS if args.kind == "both" else (args.kind,):
+        rows = mi_table(args.levels, kind, args.copies)
+        caption = ""
+        if len(rows) >= 2:
+            beta, prefactor, beta_err = fit_power_law([r["L"] for r in rows], [r["i_bp"] for r in rows])
+            caption = f"fit I_BP(L/2; L) ≈ {prefactor:.4g}·L^β,  β = {beta:.4f} ± {beta_err:.4f}"
+        table = Table(title=f"{kind} family, {args.copies} cop{'y' if args.copies == 1 else 'ies'}, nats", caption=caption)
+        for name in ("levels", "L", "I_BP(L/2; L)", "I_TP(1, L)", "σ_L"):
+            table.add_column(name, justify="right")
+        for r in rows:
+            table.add_row(
+                str(r["levels"]), f"{r['L']:,}", f"{r['i_bp']:.10g}", f"{r['i_tp']:.6e}", f"{r['sigma_last']:.10f}"
+            )
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()
