@@ -60,10 +60,11 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float() * F.silu(z.float())
+        f = torch.promote_types(dtype, torch.float32)  # bf16/fp16 upcast, as in mamba-ssm
+        x = x.to(f) * F.silu(z.to(f))
         x = x.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps)
-        return (x.flatten(-2) * self.weight.float()).to(dtype)
+        return (x.flatten(-2) * self.weight.to(f)).to(dtype)
 
 
 class Mamba2(nn.Module):
