@@ -1,0 +1,149 @@
+"""Scorers: per-token log q(w_i | BOS, w_<i) of a causal model q for a batch of token sequences.
+
+A scorer maps (B, T) int64 ids → (B, T) float64 log-probabilities, scoring the batch in chunks of
+`batch_size` sequences, and counts the sequences ("forward passes"), tokens and seconds it spent.
+Implementations: any model mapping ids to logits (`ModelScorer`, built from an l2m checkpoint or
+a Hugging Face causal LM), and the exact synthetic sources (`ExactScorer`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class Scorer:
+    """Base class: validation, batching and pass counting around `_score`."""
+
+    vocab_size: int
+    bos_id: int
+    max_len: int | None = None  # longest sequence (excluding BOS) the model can score
+
+    def __init__(self, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.sequences = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def __call__(self, tokens) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be a (B, T) integer tensor with T ≥ 1, got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (the scorer's vocabulary)")
+        if self.max_len is not None and tokens.shape[1] > self.max_len:
+            raise ValueError(
+                f"sequences of {tokens.shape[1]} tokens exceed the scorer's context of {self.max_len}; "
+                "use smaller splits (--max-split) or a longer-context model"
+            )
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = torch.cat([self._score(chunk.long()) for chunk in tokens.split(self.batch_size)])
+        self.seconds += time.perf_counter() - start
+        self.sequences += tokens.shape[0]
+        self.tokens += tokens.numel()
+        return out
+
+    def _score(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__, "vocab_size": self.vocab_size, "bos_id": self.bos_id}
+
+
+class ExactScorer(Scorer):
+    """The true conditionals of a synthetic source (`l2m.mi.sources`); the sequence start plays BOS."""
+
+    def __init__(self, source, batch_size: int = 4096):
+        super().__init__(batch_size)
+        self.source = source
+        self.vocab_size = source.vocab_size
+        self.bos_id = source.vocab_size  # outside the alphabet: never fed, only named
+
+    def _score(self, tokens):
+        return self.source.log_prob(tokens)
+
+
+class ModelScorer(Scorer):
+    """Scores with a causal model `logits_fn(ids (B, T)) -> logits (B, T, V')`, V' ≥ vocab_size."""
+
+    def __init__(
+        self,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        vocab_size: int,
+        bos_id: int,
+        max_len: int | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        name: str = "",
+    ):
+        super().__init__(batch_size)
+        if not 0 <= bos_id < vocab_size:
+            raise ValueError(f"bos_id must lie in [0, {vocab_size}), got {bos_id}")
+        self.logits_fn = logits_fn
+        self.vocab_size, self.bos_id, self.max_len = vocab_size, bos_id, max_len
+        self.device = torch.device(device)
+        self.name = name
+
+    def _score(self, tokens):
+        tokens = tokens.to(self.device)
+        bos = torch.full_like(tokens[:, :1], self.bos_id)
+        logits = self.logits_fn(torch.cat([bos, tokens[:, :-1]], dim=1)).float()  # (b, T, V')
+        picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return (picked - torch.logsumexp(logits, dim=-1)).double().cpu()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "name": self.name, "max_len": self.max_len}
+
+
+def load_checkpoint_scorer(path: str, bos_id: int, device: str = "cpu", batch_size: int = 8) -> ModelScorer:
+    """Scorer from an l2m training checkpoint (`L2MModule.load_from_checkpoint`) of a text model."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    from l2m.training import L2MModule  # Lightning only here, never at l2m.mi import time
+
+    module = L2MModule.load_from_checkpoint(path, map_location="cpu")
+    io = dict(module.hparams["io"])
+    if io.get("kind") != "discrete":
+        raise ValueError(f"MI of text needs a discrete-token model; the checkpoint's io is {io}")
+    model = module.model.to(device).eval()
+    arch = dict(module.hparams["model"]).get("arch")
+    max_len = int(module.hparams["seq_len"]) if arch == "gpt" else None  # learned positions stop there
+    return ModelScorer(model, int(io["vocab_size"]), bos_id, max_len, device, batch_size, name=path)
+
+
+def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: str = "float32") -> ModelScorer:
+    """Scorer from a Hugging Face causal LM (hub id or local weights directory)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ImportError("Hugging Face scorers need transformers: pip install 'l2m[hf]'") from err
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=getattr(torch, dtype)).to(device).eval()
+    config = model.config
+    bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    if bos is None:
+        raise ValueError(f"{name} defines neither bos_token_id nor eos_token_id; cannot score after BOS")
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    vocab = model.get_output_embeddings().out_features
+    return ModelScorer(lambda ids: model(ids).logits, vocab, int(bos), max_len and max_len - 1, device, batch_size, name)
+
+
+def check_tokenizer(tokenizer, scorer: Scorer, padding: int = 256) -> None:
+    """Refuse a tokenizer whose vocabulary cannot be the scorer's.
+
+    Hugging Face models pad their embedding tables (GPT-NeoX: 50,277 tokens, 50,432 rows), so
+    the scorer may exceed the tokenizer by fewer than `padding` rows; anything else is a mismatch.
+    """
+    v_tok, v_model = int(tokenizer.vocab_size), int(scorer.vocab_size)
+    if not v_tok <= v_model < v_tok + padding:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} has {v_tok} tokens but the scorer's vocabulary "
+            f"has {v_model}: use the tokenizer the model was trained with"
+        )
