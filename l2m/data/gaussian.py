@@ -107,9 +107,9 @@ def _covariance(levels: int, kind: str) -> torch.Tensor:
     """Σ of one copy, (L, L) float64. Recursion reuses the cached smaller levels."""
     if levels == 1:
         return _M @ _M.T
+    n, seq_len = 4 ** (levels - 1), 4**levels
+    _require_memory(2.5, seq_len, "the covariance")  # before recursing: fail fast
     prev = _covariance(levels - 1, kind)
-    n, seq_len = prev.shape[0], 4 * prev.shape[0]
-    _require_memory(2.5, seq_len, "the covariance")
     a, b = _level_blocks(kind)
     # Steps 1–2: Σ[(i,p),(j,q)] = Σ_{k−1}[i,j] A[p,q] + δ_ij B[p,q], written straight into (n,4,n,4).
     cov = prev[:, None, :, None] * a[None, :, None, :]
@@ -147,7 +147,10 @@ def _log_diag_reversed(levels: int, kind: str) -> torch.Tensor:
     """
     cov = _covariance(levels, kind)
     _require_memory(2.0, cov.shape[0], "the reversed Cholesky factor")
-    return torch.linalg.cholesky(cov.flip(0, 1)).diagonal().log()
+    flipped = cov.flip(0, 1)
+    if torch.equal(flipped, cov):  # both families are exactly persymmetric: reuse the forward factor
+        return _cholesky(levels, kind).diagonal().log()
+    return torch.linalg.cholesky(flipped).diagonal().log()
 
 
 class GaussianFamily:
@@ -167,6 +170,10 @@ class GaussianFamily:
         self.levels, self.kind, self.copies = levels, kind, copies
         self.seq_len = 4**levels
         self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the family pickled: leave the device copies of R behind.
+        return {**self.__dict__, "_on_device": {}}
 
     def __repr__(self) -> str:
         return f"GaussianFamily(levels={self.levels}, kind={self.kind!r}, copies={self.copies})"

@@ -1,0 +1,197 @@
+"""The exact Gaussian family (spec §2): reference values, exact conditionals, sampling, MI scaling."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from l2m.data.gaussian import GaussianFamily, main
+from l2m.mi import fit_power_law
+
+# Spec §2 "Reference values" (one copy, nats): kind, levels, I_BP(L/2; L), I_TP(1, L), σ_L.
+REFERENCE = [
+    ("subvolume", 2, 0.9013125395027, 3.0611091081824e-03, 0.7142857142857),
+    ("subvolume", 3, 2.730142214888428, 2.9811207702775e-04, 0.6779076806833),
+    ("log", 2, 0.3179587878713552, 3.0611091081824e-03, 0.7624928516630),
+    ("log", 3, 0.3422339068222202, 2.9811207702775e-04, 0.7572281660192),
+]
+
+
+def gaussian_kl(mu_p, std_p, mu_q, std_q):
+    """KL(N(mu_p, std_p²) || N(mu_q, std_q²)), elementwise."""
+    return torch.log(std_q / std_p) + (std_p**2 + (mu_q - mu_p) ** 2) / (2 * std_q**2) - 0.5
+
+
+@pytest.mark.parametrize("kind,levels,i_bp,i_tp,sigma_last", REFERENCE)
+def test_reference_values(kind, levels, i_bp, i_tp, sigma_last):
+    one = GaussianFamily(levels, kind, copies=1)
+    L = one.seq_len
+    assert L == 4**levels
+    assert one.bipartite_mi() == pytest.approx(i_bp, rel=1e-9)
+    assert one.two_point_mi(1, L) == pytest.approx(i_tp, rel=1e-9)
+    assert float(one.conditional_std[-1]) == pytest.approx(sigma_last, rel=1e-9)
+    # MI and entropies scale with the number of independent copies.
+    many = GaussianFamily(levels, kind, copies=64)
+    assert many.bipartite_mi() == pytest.approx(64 * i_bp, rel=1e-12)
+    assert many.two_point_mi(L, 1) == pytest.approx(64 * i_tp, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+def test_covariance_and_every_split_match_brute_force_log_dets(kind):
+    fam = GaussianFamily(3, kind, copies=2)
+    cov, r, L = fam.covariance, fam.cholesky, fam.seq_len
+    assert cov.dtype == torch.float64 and cov.shape == (L, L)
+    torch.testing.assert_close(cov, cov.T, rtol=0, atol=1e-15)
+    torch.testing.assert_close(cov.diagonal(), torch.ones(L, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(r @ r.T, cov, rtol=0, atol=1e-13)
+    assert torch.equal(r, r.tril())
+    assert torch.linalg.eigvalsh(cov).min() > 0.15  # spec: smallest eigenvalue ≈ 0.19
+
+    def logdet(a):
+        return torch.linalg.slogdet(a).logabsdet.item()
+
+    for split in range(1, L):
+        exact = 0.5 * (logdet(cov[:split, :split]) + logdet(cov[split:, split:]) - logdet(cov))
+        assert fam.bipartite_mi(split) == pytest.approx(2 * exact, rel=1e-10, abs=1e-12)
+    i, j = 5, 17
+    assert fam.two_point_mi(i, j) == pytest.approx(-math.log(1 - cov[i - 1, j - 1].item() ** 2), rel=1e-12)
+
+
+def schur_conditionals(cov: torch.Tensor, z: torch.Tensor):
+    """Brute-force p(z_i | z_<i) by Gaussian conditioning, one position at a time. z: (N, L)."""
+    means, stds = [], []
+    for i in range(cov.shape[0]):
+        if i == 0:
+            means.append(torch.zeros(z.shape[0], dtype=torch.float64))
+            stds.append(cov[0, 0].sqrt())
+            continue
+        gain = torch.linalg.solve(cov[:i, :i], cov[:i, i])  # Σ_<i,<i⁻¹ Σ_<i,i
+        means.append(z[:, :i] @ gain)
+        stds.append((cov[i, i] - cov[i, :i] @ gain).sqrt())
+    return torch.stack(means, 1), torch.stack(stds)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+def test_exact_conditionals_equal_schur_complement(kind):
+    fam = GaussianFamily(2, kind, copies=3)
+    x = fam.sample(5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 17, 3) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], torch.zeros(5, 3))
+    mean, std = fam.conditional(x)
+    assert mean.shape == std.shape == (5, 16, 3)
+
+    z = x[:, 1:].double().permute(0, 2, 1).reshape(-1, 16)  # every (sequence, copy) row
+    ref_mean, ref_std = schur_conditionals(fam.covariance, z)
+    ref_mean = ref_mean.view(5, 3, 16).permute(0, 2, 1)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(std[0, :, 0].double(), ref_std, rtol=1e-7, atol=0)
+    kl = gaussian_kl(ref_mean, ref_std[None, :, None], mean.double(), std.double())
+    assert kl.abs().max() < 1e-11
+
+    # The batch path from the noise (no triangular solve) gives the same conditionals.
+    eps = fam.noise(5, generator=torch.Generator().manual_seed(0))
+    batch = fam.from_noise(eps)
+    torch.testing.assert_close(batch["x"], x, rtol=0, atol=0)
+    torch.testing.assert_close(batch["mean"], mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch["std"].expand_as(std), std, rtol=0, atol=0)
+
+
+def test_conditional_entropy_is_the_chain_rule_of_the_joint_entropy():
+    fam = GaussianFamily(3, copies=4)
+    h = fam.conditional_entropy()
+    assert h.shape == (64,)
+    torch.testing.assert_close(h, 4 * 0.5 * torch.log(2 * math.pi * math.e * fam.conditional_std**2))
+    joint = 4 * 0.5 * (64 * math.log(2 * math.pi * math.e) + torch.linalg.slogdet(fam.covariance).logabsdet)
+    assert h.sum().item() == pytest.approx(joint.item(), rel=1e-12)
+
+
+def test_empirical_covariance_matches_within_statistical_error():
+    fam = GaussianFamily(2, copies=64)
+    x = fam.sample(400, generator=torch.Generator().manual_seed(1))
+    z = x[:, 1:].double().permute(0, 2, 1).reshape(-1, 16)  # N = 25,600 independent copies
+    n = z.shape[0]
+    empirical = z.T @ z / n  # known zero mean
+    cov = fam.covariance
+    # For zero-mean Gaussians Var(z_i z_j) = Σ_ii Σ_jj + Σ_ij², so each entry has this standard error.
+    stderr = ((1 + cov**2) / n).sqrt()
+    z_scores = (empirical - cov) / stderr
+    assert z_scores.abs().max() < 5
+    # And the errors really are of statistical size (not just small): mean squared z-score ≈ 1.
+    assert 0.5 < (z_scores**2).mean() < 2
+
+
+def test_subvolume_exponent_and_log_family_growth():
+    levels = [2, 3, 4, 5, 6]
+    lengths = np.array([4.0**k for k in levels])
+    sub = [GaussianFamily(k, "subvolume", copies=1).bipartite_mi() for k in levels]
+    beta, _, beta_err = fit_power_law(lengths, sub)
+    assert 0.77 <= beta <= 0.82, (beta, beta_err)
+
+    log_mi = np.array([GaussianFamily(k, "log", copies=1).bipartite_mi() for k in levels])
+    increments = np.diff(log_mi)  # per factor 4 in L
+    assert np.all(increments > 0)
+    assert increments.max() / increments.min() < 1.05
+    slope, intercept = np.polyfit(np.log(lengths), log_mi, 1)
+    residual = log_mi - (slope * np.log(lengths) + intercept)
+    r2 = 1 - residual @ residual / np.sum((log_mi - log_mi.mean()) ** 2)
+    assert r2 > 0.999
+
+    # Same two-point decay, completely different bipartite scaling.
+    for k in levels[:4]:
+        L = 4**k
+        assert GaussianFamily(k, "log").two_point_mi(1, L) == pytest.approx(
+            GaussianFamily(k, "subvolume").two_point_mi(1, L), rel=1e-12
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"levels": 0}, "levels must be an int in 1..8"),
+        ({"levels": 9}, "levels must be an int in 1..8"),
+        ({"levels": 2.0}, "levels"),
+        ({"levels": True}, "levels"),
+        ({"levels": 2, "kind": "volume"}, r"kind must be one of \('subvolume', 'log'\)"),
+        ({"levels": 2, "copies": 0}, "copies must be an int >= 1"),
+    ],
+)
+def test_bad_construction_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianFamily(**kwargs)
+
+
+def test_bad_arguments_raise():
+    fam = GaussianFamily(2, copies=2)
+    for split in (0, 16, 3.5):
+        with pytest.raises(ValueError, match=r"split must be an int in 1\.\.15"):
+            fam.bipartite_mi(split)
+    with pytest.raises(ValueError, match=r"i must be a 1-based position in 1\.\.16"):
+        fam.two_point_mi(0, 3)
+    with pytest.raises(ValueError, match=r"j must be a 1-based position in 1\.\.16"):
+        fam.two_point_mi(1, 17)
+    with pytest.raises(ValueError, match="must differ"):
+        fam.two_point_mi(4, 4)
+    for shape in [(3, 16, 2), (3, 17, 3), (17, 2)]:
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, 17, 2\)"):
+            fam.conditional(torch.zeros(shape))
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        fam.sample(0)
+
+
+def test_levels_8_fails_fast_where_memory_is_short():
+    with open("/proc/meminfo") as f:
+        available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    if available > 2.5 * 8 * 65536**2:
+        pytest.skip("this machine has the memory for levels=8")
+    fam = GaussianFamily(8, copies=1)  # construction is free; the covariance is built lazily
+    assert fam.seq_len == 65536
+    with pytest.raises(MemoryError, match="L=65536 needs about"):
+        fam.covariance
+
+
+def test_mi_table_command(capsys):
+    main(["--levels", "2-3"])
+    out = capsys.readouterr().out
+    assert "subvolume" in out and "log" in out
+    assert "0.9013125395" in out and "0.3179587879" in out and "β =" in out
