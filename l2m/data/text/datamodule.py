@@ -1,0 +1,260 @@
+"""Lightning DataModule for natural text: sentence-aligned samples from a token cache.
+
+Samples (exactly `sample_len` = ceil(sample_ratio * seq_len) tokens, each starting at a sentence
+boundary; see l2m.data.text.cache) are tokenized once and memory-mapped. A batch is
+{"input_ids": (B, L+1) int64}: BOS followed by the first L tokens of B samples.
+
+Held-out set: whole documents, chosen by the hash of their text (lowest hashes first) until
+`val_size` samples are collected. It depends on neither the document order nor the seed, so
+every run sees the same held-out samples, and no held-out document contributes to training.
+
+Train stream: an endless sequence of epochs over the training samples, each epoch a fresh
+permutation keyed by (seed, epoch). Step k of DDP rank r takes positions
+(k * world_size + r) * B ... + B - 1 of that sequence, so ranks read disjoint samples, every
+sample is read once per epoch, and the stream is a deterministic function of (seed, k). The
+number of consumed batches is checkpointed (`state_dict`), so a resumed run continues exactly
+where an uninterrupted run would be. A Lightning "epoch" is `epoch_size` batches.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from l2m.data.text.cache import SampleCache, open_cache, open_tokens
+from l2m.data.text.tokenizer import Tokenizer, check_vocab, get_tokenizer
+
+
+def heldout_split(doc_hash: np.ndarray, val_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(val, train) sample indices: the samples of the lowest-hash documents go to val.
+
+    val holds the first `val_size` samples in (doc_hash, sample) order; the rest of the last
+    held-out document is dropped so that no document is split between val and train.
+    """
+    if not 1 <= val_size < len(doc_hash):
+        raise ValueError(
+            f"val_size must be in 1..{len(doc_hash) - 1} (the corpus has {len(doc_hash)} samples), got {val_size}"
+        )
+    order = np.lexsort((np.arange(len(doc_hash)), doc_hash))
+    val = order[:val_size]
+    train = np.sort(order[doc_hash[order] > doc_hash[val[-1]]])
+    if len(train) == 0:
+        raise ValueError(f"val_size={val_size} leaves no training samples; lower it or add documents")
+    return val, train
+
+
+def train_sample_ids(train: np.ndarray, seed: int, step: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """(batch_size,) sample indices of train batch `step` on DDP rank `rank`."""
+    first = (step * world_size + rank) * batch_size
+    positions = np.arange(first, first + batch_size)
+    epochs, offsets = np.divmod(positions, len(train))
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(epoch)])))
+        mask = epochs == epoch
+        out[mask] = train[rng.permutation(len(train))[offsets[mask]]]
+    return out
+
+
+def _worker_share() -> tuple[int, int]:
+    worker = get_worker_info()
+    return (0, 1) if worker is None else (worker.id, worker.num_workers)
+
+
+class _Batches(IterableDataset):
+    """Batches {"input_ids": (B, L+1) int64} read from the cache at `path` (opened lazily, so
+    the dataset pickles cheaply into DataLoader workers)."""
+
+    def __init__(self, path: Path, seq_len: int, bos_id: int):
+        self.path, self.seq_len, self.bos_id = path, seq_len, bos_id
+
+    def _read(self, tokens: np.memmap, ids: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(tokens[ids, : self.seq_len].astype(np.int64))
+        return torch.cat([torch.full((len(ids), 1), self.bos_id, dtype=torch.int64), rows], dim=1)
+
+
+class _TrainStream(_Batches):
+    """`length` consecutive train batches of one rank, starting at batch `start`."""
+
+    def __init__(self, path, seq_len, bos_id, train, seed, batch_size, rank, world_size, start, length):
+        super().__init__(path, seq_len, bos_id)
+        self.train, self.seed, self.batch_size = train, seed, batch_size
+        self.rank, self.world_size, self.start, self.length = rank, world_size, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        tokens = open_tokens(self.path)
+        offset, step = _worker_share()
+        # Workers take batches round-robin; the DataLoader returns them in index order.
+        for k in range(self.start + offset, self.start + self.length, step):
+            ids = train_sample_ids(self.train, self.seed, k, self.batch_size, self.rank, self.world_size)
+            yield {"input_ids": self._read(tokens, ids), "index": k}
+
+
+class _HeldOut(_Batches):
+    """The held-out samples `val`, in order, in batches of `batch_size`."""
+
+    def __init__(self, path, seq_len, bos_id, val, batch_size):
+        super().__init__(path, seq_len, bos_id)
+        self.val, self.batch_size = val, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.val) / self.batch_size)
+
+    def __iter__(self):
+        tokens = open_tokens(self.path)
+        offset, step = _worker_share()
+        for b in range(offset, len(self), step):
+            yield {"input_ids": self._read(tokens, self.val[b * self.batch_size : (b + 1) * self.batch_size])}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text from a hub dataset or local files, tokenized once into sentence-aligned samples.
+
+    source: local path (folder of .txt, .txt, .jsonl, .parquet) or hub dataset id
+        ("deepmind/pg19"; "wikimedia/wikipedia" with subset="20231101.en").
+    tokenizer: "byte" (offline), a Hugging Face tokenizer id or a local path, or a Tokenizer.
+    seq_len: L, the number of predicted positions; batches carry L+1 tokens (BOS first).
+    batch_size: sequences per batch and per DDP rank.
+    val_size: held-out samples (whole documents, chosen by text hash; see `heldout_split`).
+    cache_dir: where token caches live (default $L2M_CACHE_DIR/text or ~/.cache/l2m/text).
+    seed: the train stream's seed.
+    sample_ratio: sample length / seq_len (spec §4: about 1.2).
+    vocab_size: the model's vocabulary (default: the tokenizer's); may be padded above it,
+        e.g. 50432 for GPT-NeoX as in the paper, never below it.
+    max_documents: read at most this many documents of the source.
+    """
+
+    task = "text"
+
+    def __init__(
+        self,
+        source: str,
+        tokenizer: str | Tokenizer = "byte",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_size: int = 64,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        split: str = "train",
+        text_column: str = "text",
+        subset: str | None = None,
+        max_documents: int | None = None,
+        sample_ratio: float = 1.2,
+        vocab_size: int | None = None,
+        streaming: bool = True,
+        num_workers: int = 0,
+        epoch_size: int = 1000,
+        progress: bool = True,
+    ):
+        super().__init__()
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("val_size", val_size, 1),
+            ("seed", seed, 0),
+            ("num_workers", num_workers, 0),
+            ("epoch_size", epoch_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not sample_ratio >= 1.0:
+            raise ValueError(f"sample_ratio must be >= 1 (samples hold at least seq_len tokens), got {sample_ratio}")
+        self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
+        self.tokenizer = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size
+        check_vocab(self.tokenizer.vocab_size, self.vocab_size, f"tokenizer {self.tokenizer.name!r}")
+        self.source, self.seq_len, self.batch_size, self.val_size = source, seq_len, batch_size, val_size
+        self.seed, self.num_workers, self.epoch_size = seed, num_workers, epoch_size
+        self.sample_len = math.ceil(sample_ratio * seq_len)
+        self._cache_args = dict(
+            cache_dir=cache_dir, split=split, text_column=text_column, subset=subset,
+            max_documents=max_documents, streaming=streaming, progress=progress,
+        )
+        self.cache: SampleCache | None = None
+        self.batches_served = 0  # train batches consumed so far (this rank); checkpointed
+
+    # ---- what the training code asks about the data ----
+
+    def io_config(self) -> dict:
+        return {"kind": "discrete", "vocab_size": self.vocab_size}
+
+    def bipartite_mi_half(self) -> None:
+        return None  # unknown for natural text (estimate it with l2m.mi)
+
+    def nll_floor(self) -> None:
+        return None
+
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Raise ValueError if the model (e.g. from a checkpoint) cannot read this data's tokens."""
+        check_vocab(self.tokenizer.vocab_size, model_vocab_size, f"tokenizer {self.tokenizer.name!r}")
+
+    # ---- data ----
+
+    def prepare_data(self) -> None:
+        """Tokenize into the cache (once per node; later runs and other ranks reuse it)."""
+        self._open_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        cache = self._open_cache()
+        self.val_ids, self.train_ids = heldout_split(cache.index["doc_hash"], self.val_size)
+        self.stats = {**cache.stats, "train_samples": len(self.train_ids), "val_samples": len(self.val_ids),
+                      "cache": str(cache.path), "cache_hit": cache.hit}
+        s = self.stats
+        rank_zero_info(
+            f"text data: {s['documents']} documents ({s['skipped_short_documents']} too short for one "
+            f"{self.sample_len}-token sample, skipped) -> {s['samples']} samples: {s['train_samples']} "
+            f"train, {s['val_samples']} held-out. Cache {cache.path} "
+            + ("reused." if cache.hit else f"built in {s['seconds']:.1f} s ({s['tokens_per_s']:,} tokens/s).")
+        )
+        self.cache = cache
+
+    def _open_cache(self) -> SampleCache:
+        return open_cache(self.source, self.tokenizer, self.sample_len, **self._cache_args)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> _TrainStream:
+        """Rank `rank`'s train batches `start`, start+1, ... (`epoch_size` of them)."""
+        self.setup()
+        return _TrainStream(self.cache.path, self.seq_len, self.tokenizer.bos_id, self.train_ids, self.seed,
+                            self.batch_size, rank, world_size, start, self.epoch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_stream = self.train_stream(*self._rank(), start=self.batches_served)
+        return self._loader(self._train_stream)
+
+    def val_dataloader(self) -> DataLoader:
+        """The whole held-out set in a fixed order (consumers shard its batches across ranks)."""
+        self.setup()
+        return self._loader(_HeldOut(self.cache.path, self.seq_len, self.tokenizer.bos_id, self.val_ids, self.batch_size))
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        # batch_size=None: the datasets yield whole batches. Workers are not persistent so that
+        # every epoch re-reads the stream position from the main process.
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "index" in batch:  # a train batch, now being consumed
+            self.batches_served = int(batch["index"]) + 1
+            if getattr(self, "_train_stream", None) is not None:
+                self._train_stream.start = self.batches_served  # where the next epoch begins
+        return {"input_ids": batch["input_ids"]}
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batches_served = int(state_dict["batches_served"])

@@ -1,0 +1,31 @@
+"""Fail fast when the Hugging Face hub cannot be reached.
+
+Left alone, datasets and huggingface_hub retry an unreachable hub for about 20 s before
+giving up; a short TCP probe answers in milliseconds (DNS failure) or a few seconds.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlparse
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: only the local Hugging Face cache is used."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,154 @@
+"""Where documents come from: local files (offline) or a Hugging Face hub dataset.
+
+`load_documents` yields plain strings, one per document (a book, an article, a file).
+Everything downstream (sentence splitting, tokenization, the cache) only sees strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+from l2m.data.text.hub import hub_offline, hub_reachable
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class SourceUnavailableError(ConnectionError):
+    """A hub dataset could not be reached or loaded; the message names the offline alternative."""
+
+
+def load_documents(
+    source: str,
+    split: str = "train",
+    text_column: str = "text",
+    subset: str | None = None,
+    streaming: bool = True,
+    max_documents: int | None = None,
+) -> Iterator[str]:
+    """Yield the documents of `source` as strings, in a fixed order.
+
+    source: a local path — a folder (searched recursively for .txt, .jsonl, .parquet files,
+        sorted by path), a .txt file (one document), a .jsonl file (one JSON object per line)
+        or a .parquet file — or a hub dataset id such as "deepmind/pg19" or
+        "wikimedia/wikipedia" (with subset="20231101.en").
+    split: the hub split (ignored for local files).
+    text_column: the field holding the text (.jsonl, .parquet, hub datasets).
+    subset: the hub dataset's configuration name (datasets' `name`), e.g. "20231101.en".
+    streaming: stream hub datasets instead of downloading them whole first.
+    max_documents: stop after this many documents (None = all).
+    """
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+    path = Path(source).expanduser()
+    if path.exists():
+        docs = _local_documents(path, text_column)
+    elif _looks_like_path(source):
+        raise FileNotFoundError(
+            f"source={source!r}: no such file or folder. Give a folder of .txt files, a .txt, "
+            f".jsonl or .parquet file, or a hub dataset id like 'deepmind/pg19'."
+        )
+    else:
+        docs = _hub_documents(source, split, text_column, subset, streaming)
+    for n, doc in enumerate(docs):
+        if max_documents is not None and n >= max_documents:
+            return
+        yield doc
+
+
+def source_fingerprint(source: str, split: str, text_column: str, subset: str | None) -> str:
+    """A short hash that changes when the documents `load_documents` would yield change.
+
+    Local files: path, size and modification time of every file. Hub: id, subset and split.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        parts = [str(path.resolve()), text_column]
+        for f in _local_files(path):
+            st = f.stat()
+            parts.append(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}")
+    else:
+        parts = ["hub", source, str(subset), split, text_column]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with separators or a suffix is a path.
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or source.endswith(LOCAL_SUFFIXES)
+    )
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise ValueError(f"source={str(path)!r}: unsupported file type; use one of {LOCAL_SUFFIXES}")
+        return [path]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise ValueError(f"source={str(path)!r}: the folder holds no {', '.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
+def _local_documents(path: Path, text_column: str) -> Iterator[str]:
+    for f in _local_files(path):
+        if f.suffix == ".txt":
+            yield f.read_text(encoding="utf-8", errors="replace")
+        elif f.suffix == ".jsonl":
+            yield from _jsonl_documents(f, text_column)
+        else:
+            yield from _parquet_documents(f, text_column)
+
+
+def _jsonl_documents(f: Path, text_column: str) -> Iterator[str]:
+    with f.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_column not in record:
+                raise ValueError(
+                    f"{f}:{lineno}: no field text_column={text_column!r}; fields are {sorted(record)}"
+                )
+            yield record[text_column]
+
+
+def _parquet_documents(f: Path, text_column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(f)
+    if text_column not in table.schema_arrow.names:
+        raise ValueError(f"{f}: no column text_column={text_column!r}; columns are {table.schema_arrow.names}")
+    for batch in table.iter_batches(columns=[text_column], batch_size=256):
+        yield from batch.column(0).to_pylist()
+
+
+def _hub_documents(
+    source: str, split: str, text_column: str, subset: str | None, streaming: bool
+) -> Iterator[str]:
+    import datasets
+
+    def unavailable(reason: str) -> SourceUnavailableError:
+        return SourceUnavailableError(
+            f"hub dataset {source!r} (subset={subset!r}, split={split!r}) is not available: {reason}. "
+            f"Offline, point source= at local files instead: a folder of .txt files, or a .jsonl / "
+            f".parquet file with a {text_column!r} field (e.g. data.source=tests/data/corpus). "
+            f"A copy already in the Hugging Face cache loads with HF_HUB_OFFLINE=1."
+        )
+
+    # In offline mode datasets never touches the network (it reads its cache), so no probe.
+    if not hub_offline() and not hub_reachable():
+        raise unavailable("the Hugging Face hub cannot be reached (no network?)")
+    try:
+        ds = datasets.load_dataset(source, subset, split=split, streaming=streaming)
+    except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise unavailable(f"{type(e).__name__}: {e}") from e
+    columns = ds.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"hub dataset {source!r} has no column text_column={text_column!r}; columns are {columns}")
+    for record in ds:
+        yield record[text_column]
