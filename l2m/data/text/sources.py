@@ -14,6 +14,8 @@ from typing import Iterator
 from l2m.data.text.hub import hub_offline, hub_reachable
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Hub datasets published as loading scripts, which datasets >= 4 refuses, and their data-only mirrors.
+PARQUET_MIRRORS = {"deepmind/pg19": "emozilla/pg19"}
 
 
 class SourceUnavailableError(ConnectionError):
@@ -32,7 +34,8 @@ def load_documents(
 
     source: a local path — a folder (searched recursively for .txt, .jsonl, .parquet files,
         sorted by path), a .txt file (one document), a .jsonl file (one JSON object per line)
-        or a .parquet file — or a hub dataset id such as "deepmind/pg19" or
+        or a .parquet file — or a hub dataset id such as "emozilla/pg19" (PG19 as parquet;
+        "deepmind/pg19" is a loading script that datasets >= 4 refuses) or
         "wikimedia/wikipedia" (with subset="20231101.en").
     split: the hub split (ignored for local files).
     text_column: the field holding the text (.jsonl, .parquet, hub datasets).
@@ -145,7 +148,10 @@ def _hub_documents(
         raise unavailable("the Hugging Face hub cannot be reached (no network?)")
     try:
         ds = datasets.load_dataset(source, subset, split=split, streaming=streaming)
-    except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+    except RuntimeError as e:  # "Dataset scripts are no longer supported"
+        mirror = PARQUET_MIRRORS.get(source, "a parquet mirror of it")
+        raise unavailable(f"{e}; use {mirror} instead") from e
+    except (OSError, ValueError) as e:  # network, missing dataset, unknown subset or split
         raise unavailable(f"{type(e).__name__}: {e}") from e
     columns = ds.column_names
     if columns is not None and text_column not in columns:
