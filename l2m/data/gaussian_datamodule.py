@@ -7,10 +7,11 @@ per device.
 
 Train stream: batch k of rank r is drawn from its own generator, keyed by (seed, r, k), so it
 is fresh every step, deterministic given `seed`, distinct on every DDP rank, and independent of
-how batches are split over DataLoader workers. The DataModule records how many batches were
-consumed (`state_dict`, saved in Lightning checkpoints and restored before the train
-dataloader is built), so a resumed run continues with exactly the batches an uninterrupted run
-would see. An "epoch" is just `epoch_size` consecutive batches of the endless stream.
+how batches are split over DataLoader workers. The train DataLoader records how many batches
+were consumed and is resumable in Lightning's sense (`state_dict` / `load_state_dict`, saved
+with the fit loop in every checkpoint), so a resumed run — even from mid-epoch — sees exactly
+the batches an uninterrupted run would see. An "epoch" is just `epoch_size` consecutive batches
+of the endless stream (so any Trainer validation schedule works).
 
 Validation: `val_size` fixed sequences keyed by (val_seed, n), identical in every run and
 epoch, sharded across ranks without overlap (rank r takes n = r, r + world_size, ...).
@@ -69,6 +70,21 @@ class _TrainStream(IterableDataset):
             yield {"eps": _train_noise(self.family, self.batch_size, self.seed, self.rank, k), "index": k}
 
 
+class _StreamLoader(DataLoader):
+    """DataLoader over a `_TrainStream` with Lightning's resumable-loader interface.
+
+    Lightning saves `state_dict()` with the fit loop in every checkpoint and, on resume, calls
+    `load_state_dict()` after `train_dataloader()` and before iterating it, so the resumed run
+    continues with the first batch the interrupted one never consumed.
+    """
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.dataset.start}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.dataset.start = int(state_dict["batches_served"])
+
+
 class _ValSet(IterableDataset):
     """The validation sequences `indices`, in batches of `batch_size`."""
 
@@ -122,7 +138,12 @@ class GaussianDataModule(L.LightningDataModule):
         self.seq_len = self.family.seq_len
         self.batch_size, self.seed, self.val_size, self.val_seed = batch_size, seed, val_size, val_seed
         self.num_workers, self.epoch_size = num_workers, epoch_size
-        self.batches_served = 0  # train batches consumed so far (this rank); checkpointed
+        self._train_stream: _TrainStream | None = None
+
+    @property
+    def batches_served(self) -> int:
+        """Train batches consumed so far on this rank (where the stream continues)."""
+        return 0 if self._train_stream is None else self._train_stream.start
 
     # ---- what the training code asks about the data ----
 
@@ -163,28 +184,18 @@ class GaussianDataModule(L.LightningDataModule):
         self.family.cholesky  # the O(L³) factorisation, once per process, before the first step
 
     def train_dataloader(self) -> DataLoader:
+        rank = self._rank()[0]
         self._train_stream = _TrainStream(
-            self.family, self.batch_size, self.seed, self._rank()[0], self.batches_served, self.epoch_size
+            self.family, self.batch_size, self.seed, rank, self.batches_served, self.epoch_size
         )
-        return self._loader(self._train_stream)
+        return _StreamLoader(self._train_stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(_ValSet(self.family, self.batch_size, self.val_seed, self.val_indices(*self._rank())))
-
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        # batch_size=None: the datasets yield whole batches. Workers are not persistent so that
-        # every epoch re-reads the stream position from the main process.
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        val_set = _ValSet(self.family, self.batch_size, self.val_seed, self.val_indices(*self._rank()))
+        return DataLoader(val_set, batch_size=None, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if "index" in batch:  # a train batch, now being consumed
-            self.batches_served = int(batch["index"]) + 1
-            if getattr(self, "_train_stream", None) is not None:
-                self._train_stream.start = self.batches_served  # where the next epoch begins
+        if "index" in batch and self._train_stream is not None:  # a train batch, now consumed
+            # Where the stream continues: in the next epoch, and in a checkpoint taken now.
+            self._train_stream.start = int(batch["index"]) + 1
         return self.family.from_noise(batch["eps"])
-
-    def state_dict(self) -> dict:
-        return {"batches_served": self.batches_served}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.batches_served = int(state_dict["batches_served"])
