@@ -47,6 +47,7 @@ def test_covariance_and_every_split_match_brute_force_log_dets(kind):
     torch.testing.assert_close(r @ r.T, cov, rtol=0, atol=1e-13)
     assert torch.equal(r, r.tril())
     assert torch.linalg.eigvalsh(cov).min() > 0.15  # spec: smallest eigenvalue ≈ 0.19
+    assert torch.equal(cov, cov.flip(0, 1))  # persymmetric: bipartite_mi relies on it
 
     def logdet(a):
         return torch.linalg.slogdet(a).logabsdet.item()

@@ -1,12 +1,15 @@
 """Data sources: the exact Gaussian family (math only, no Lightning) and Lightning DataModules."""
 
-from l2m.data.gaussian import GaussianFamily
-
 __all__ = ["GaussianFamily", "GaussianDataModule"]
 
 
 def __getattr__(name: str):
-    # Lazy, so `import l2m.data` / `l2m.data.gaussian` never pulls in Lightning.
+    # Lazy: `python -m l2m.data.gaussian` must not find its module pre-imported, and the
+    # Gaussian math must not pull in Lightning.
+    if name == "GaussianFamily":
+        from l2m.data.gaussian import GaussianFamily
+
+        return GaussianFamily
     if name == "GaussianDataModule":
         from l2m.data.gaussian_datamodule import GaussianDataModule
 

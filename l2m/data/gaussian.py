@@ -20,8 +20,7 @@ Cost (this 2-core CPU, float64; one L×L matrix is 8·L² bytes):
 levels   L        one matrix  Σ + R build (time, peak resident memory)
 =======  =======  ==========  =====================================================
 6        4,096    134 MB      0.5 s, 0.5 GB
-7        16,384   2.1 GB      ~30 s, 6.5 GB (Σ and R stay cached: 4.3 GB);
-                              bipartite_mi adds one more factorisation (~25 s)
+7        16,384   2.1 GB      ~60 s, 6.7 GB (Σ and R stay cached: 4.3 GB)
 8        65,536   34 GB       ~30 min, > 100 GB: refused with MemoryError on
                               machines that lack the memory
 =======  =======  ==========  =====================================================
@@ -139,20 +138,6 @@ def _cholesky(levels: int, kind: str) -> torch.Tensor:
     return torch.linalg.cholesky(cov)
 
 
-@functools.lru_cache(maxsize=2 * MAX_LEVELS)
-def _log_diag_reversed(levels: int, kind: str) -> torch.Tensor:
-    """log diag of the Cholesky factor of Σ in reversed order: log det of every trailing block.
-
-    Only the diagonal is kept, so this costs one O(L³) factorisation once and O(L) memory after.
-    """
-    cov = _covariance(levels, kind)
-    _require_memory(2.0, cov.shape[0], "the reversed Cholesky factor")
-    flipped = cov.flip(0, 1)
-    if torch.equal(flipped, cov):  # both families are exactly persymmetric: reuse the forward factor
-        return _cholesky(levels, kind).diagonal().log()
-    return torch.linalg.cholesky(flipped).diagonal().log()
-
-
 class GaussianFamily:
     """`copies` independent copies of the sub-volume (or log) Gaussian sequence of length 4**levels.
 
@@ -200,12 +185,13 @@ class GaussianFamily:
         split = self.seq_len // 2 if split is None else split
         if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= self.seq_len - 1:
             raise ValueError(f"split must be an int in 1..{self.seq_len - 1} (L={self.seq_len}), got {split!r}")
-        log_r = self.conditional_std.log()  # log det Σ_XX = 2 Σ_{i≤split} log R_ii
-        log_r_rev = _log_diag_reversed(self.levels, self.kind)
-        log_det_x = 2 * log_r[:split].sum()
-        log_det_y = 2 * log_r_rev[: self.seq_len - split].sum()
-        log_det = 2 * log_r.sum()
-        return self.copies * 0.5 * float(log_det_x + log_det_y - log_det)
+        # log det of the leading m×m block is 2 Σ_{i≤m} log R_ii. Σ is persymmetric
+        # (Σ_ij = Σ_{L+1−i, L+1−j}: reversing a sequence maps the family onto itself), so the
+        # trailing block Σ_YY of size L − split has the determinant of the leading one.
+        log_det_leading = 2 * torch.cumsum(self.conditional_std.log(), 0)
+        log_det_x = log_det_leading[split - 1]
+        log_det_y = log_det_leading[self.seq_len - split - 1]
+        return self.copies * 0.5 * float(log_det_x + log_det_y - log_det_leading[-1])
 
     def two_point_mi(self, i: int, j: int) -> float:
         """I(Z_i; Z_j) in nats for all copies; positions are 1-based and must differ."""
