@@ -74,6 +74,8 @@ def _resolve(cfg: Mapping) -> dict:
         return c
     if c["backend"] not in _BACKENDS[arch]:
         raise ValueError(f"model backend for {arch} must be one of {_BACKENDS[arch]}, got {c['backend']!r}")
+    if arch == "mamba" and c["dt_rank"] != "auto" and (not isinstance(c["dt_rank"], int) or c["dt_rank"] < 1):
+        raise ValueError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or a positive int, got {c['dt_rank']!r}")
     if c["norm"] not in NORMS:
         raise ValueError(f"model norm must be one of {NORMS}, got {c['norm']!r}")
     if arch == "mamba2":
