@@ -22,10 +22,11 @@ from l2m.mi import (
     two_point_mi,
 )
 from l2m.mi.entropy import grassberger_g
+from l2m.mi.sources import example_source
 
-CHAIN = MarkovChain([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+CHAIN = example_source("markov")
 # Each sequence is either "sticky" or "switchy": the latent links X and Y, so I_BP grows with L.
-MIXTURE = MarkovMixture([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.6, 0.4]]], weights=[0.4, 0.6])
+MIXTURE = example_source("mixture")
 
 
 # --- entropy -------------------------------------------------------------------------------

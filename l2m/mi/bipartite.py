@@ -89,7 +89,8 @@ def _fit(splits: list[SplitEstimate], estimator: str) -> dict:
         entry = {"points": len(good), "nonpositive_dropped": len(pts) - len(good)}
         if len(good) >= 2:
             beta, prefactor, beta_se = fit_power_law(*zip(*good))
-            entry.update(beta=beta, beta_se=beta_se, prefactor=prefactor)
+            # Two points fix the line exactly: no residual, hence no standard error.
+            entry.update(beta=beta, beta_se=beta_se if len(good) > 2 else None, prefactor=prefactor)
         fits[r] = entry
     return fits
 

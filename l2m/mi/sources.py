@@ -153,3 +153,13 @@ class MarkovChain(MarkovMixture):
         _check_split(ell, seq_len)
         pi, p = self.stationary[0], self.transitions[0]
         return self.two_point_mi(1) + float(pi @ np.log(pi[None, :] / p) @ pi)
+
+
+def example_source(name: str) -> MarkovMixture:
+    """Built-in validation sources: "markov" (a 3-state chain, I_BP constant in L) and "mixture"
+    (a sticky and a switchy 2-state chain picked per sequence, I_BP growing with L)."""
+    if name == "markov":
+        return MarkovChain([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    if name == "mixture":
+        return MarkovMixture([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.6, 0.4]]], weights=[0.4, 0.6])
+    raise ValueError(f"unknown exact source {name!r}; available: markov, mixture")

@@ -1,0 +1,3 @@
+from l2m.mi.cli import main
+
+main()
