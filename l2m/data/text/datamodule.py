@@ -180,6 +180,7 @@ class TextDataModule(L.LightningDataModule):
             max_documents=max_documents, streaming=streaming, progress=progress,
         )
         self.cache: SampleCache | None = None
+        self._tokenized = False  # whether this DataModule built the cache (prepare_data or setup)
         self.batches_served = 0  # train batches consumed so far (this rank); checkpointed
 
     # ---- what the training code asks about the data ----
@@ -209,18 +210,20 @@ class TextDataModule(L.LightningDataModule):
         cache = self._open_cache()
         self.val_ids, self.train_ids = heldout_split(cache.index["doc_hash"], self.val_size)
         self.stats = {**cache.stats, "train_samples": len(self.train_ids), "val_samples": len(self.val_ids),
-                      "cache": str(cache.path), "cache_hit": cache.hit}
+                      "cache": str(cache.path), "cache_hit": not self._tokenized}
         s = self.stats
         rank_zero_info(
             f"text data: {s['documents']} documents ({s['skipped_short_documents']} too short for one "
             f"{self.sample_len}-token sample, skipped) -> {s['samples']} samples: {s['train_samples']} "
             f"train, {s['val_samples']} held-out. Cache {cache.path} "
-            + ("reused." if cache.hit else f"built in {s['seconds']:.1f} s ({s['tokens_per_s']:,} tokens/s).")
+            + ("reused." if not self._tokenized else f"built in {s['seconds']:.1f} s ({s['tokens_per_s']:,} tokens/s).")
         )
         self.cache = cache
 
     def _open_cache(self) -> SampleCache:
-        return open_cache(self.source, self.tokenizer, self.sample_len, **self._cache_args)
+        cache = open_cache(self.source, self.tokenizer, self.sample_len, **self._cache_args)
+        self._tokenized |= not cache.hit
+        return cache
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
