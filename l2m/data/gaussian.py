@@ -14,18 +14,21 @@ factor R (Σ = R Rᵀ, R lower triangular):
 Σ and R are float64, computed once per (levels, kind) and shared by every instance, whatever
 its `copies`. They are cached: treat `.covariance` and `.cholesky` as read-only.
 
-Cost (this 2-core CPU, float64; one L×L matrix is 8·L² bytes):
+Cost of the one-off build of Σ and R (float64; one L×L matrix is 8·L² bytes), measured on a
+2-core CPU; resident memory of the process at its peak:
 
-=======  =======  ==========  =====================================================
-levels   L        one matrix  Σ + R build (time, peak resident memory)
-=======  =======  ==========  =====================================================
-6        4,096    134 MB      0.5 s, 0.5 GB
-7        16,384   2.1 GB      ~60 s, 6.7 GB (Σ and R stay cached: 4.3 GB)
-8        65,536   34 GB       ~30 min, > 100 GB: refused with MemoryError on
-                              machines that lack the memory
-=======  =======  ==========  =====================================================
+=======  =======  ==========  ==================================================
+levels   L        one matrix  build
+=======  =======  ==========  ==================================================
+6        4,096    134 MB      ~1 s, 0.7 GB
+7        16,384   2.1 GB      Σ ~9 s + Cholesky ~50 s; 4.8 GB peak, 4.3 GB cached
+8        65,536   34 GB       Σ + R need ~75 GB of RAM and ~1 h on 2 cores (64× the
+                              flops of levels 7); where memory is short, accessing
+                              Σ raises MemoryError at once, with the numbers
+=======  =======  ==========  ==================================================
 
-A batch of B sequences costs one (L×L)·(L×B·copies) product: no O(L³) work per batch.
+A batch of B sequences costs one (L×L)·(L×B·copies) product, no O(L³) work: at levels 7,
+B = 4 and 64 copies that is 137 GFLOP, ~6 s on the 2-core CPU (`sample` / `from_noise`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 
 import torch
 
@@ -76,7 +78,7 @@ def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
         raise MemoryError(
             f"{what} for L={seq_len} needs about {needed / 1e9:.0f} GB of memory (float64 L×L "
             f"matrices), only {available / 1e9:.0f} GB available; use fewer levels "
-            f"(levels=7, L=16,384 needs ~7 GB) or a machine with more memory"
+            f"(levels=7, L=16,384 needs ~5 GB) or a machine with more memory"
         )
 
 
@@ -107,7 +109,8 @@ def _covariance(levels: int, kind: str) -> torch.Tensor:
     if levels == 1:
         return _M @ _M.T
     n, seq_len = 4 ** (levels - 1), 4**levels
-    _require_memory(2.5, seq_len, "the covariance")  # before recursing: fail fast
+    # Before recursing, fail fast. Peak of the build: Σ plus the coupling's half-size temporaries.
+    _require_memory(1.6, seq_len, "the covariance")
     prev = _covariance(levels - 1, kind)
     a, b = _level_blocks(kind)
     # Steps 1–2: Σ[(i,p),(j,q)] = Σ_{k−1}[i,j] A[p,q] + δ_ij B[p,q], written straight into (n,4,n,4).
@@ -134,7 +137,7 @@ def _covariance(levels: int, kind: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _cholesky(levels: int, kind: str) -> torch.Tensor:
     cov = _covariance(levels, kind)
-    _require_memory(1.0, cov.shape[0], "the Cholesky factor")
+    _require_memory(1.1, cov.shape[0], "the Cholesky factor")  # R is one more L×L matrix
     return torch.linalg.cholesky(cov)
 
 
