@@ -14,7 +14,14 @@ the batches an uninterrupted run would see. An "epoch" is just `epoch_size` cons
 of the endless stream (so any Trainer validation schedule works).
 
 Validation: `val_size` fixed sequences keyed by (val_seed, n), identical in every run and
-epoch, sharded across ranks without overlap (rank r takes n = r, r + world_size, ...).
+epoch, sharded across ranks without overlap (rank r takes n = r, r + world_size, ...; when
+world_size does not divide val_size, ranks hold one sequence more or less — nothing is padded
+or repeated).
+
+Precision: z and μ are computed in float64 even on GPU, because the exact targets must not
+inherit TF32/bf16 matmul error; the batch is then cast to float32. At L = 16,384, B = 4 and 64
+copies that is a 137-GFLOP float64 GEMM per step: a few ms at data-centre FP64 rates (estimate,
+not measured here), much slower on consumer GPUs with cut-down FP64.
 """
 
 from __future__ import annotations
@@ -188,6 +195,8 @@ class GaussianDataModule(L.LightningDataModule):
         self._train_stream = _TrainStream(
             self.family, self.batch_size, self.seed, rank, self.batches_served, self.epoch_size
         )
+        # batch_size=None: the dataset yields whole batches. Workers must not be persistent:
+        # every epoch's iteration re-reads `start` from this process.
         return _StreamLoader(self._train_stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
