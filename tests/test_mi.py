@@ -254,3 +254,6 @@ def test_tokenizer_must_match_scorer():
         check_tokenizer(Tok(), scorer)
     Tok.vocab_size = 50277  # GPT-NeoX: the model pads its embedding table to 50,432 rows
     check_tokenizer(Tok(), scorer)
+    Tok.vocab_size = 50433
+    with pytest.raises(ValueError, match="has 50433 tokens"):
+        check_tokenizer(Tok(), scorer)

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", default=None, help="hub dataset configuration, e.g. 20231101.en")
     p.add_argument("--text-column", default="text")
     p.add_argument("--max-documents", type=int, default=None)
-    p.add_argument("--tokenizer", default=None, help="byte, a tokenizer dir/file or hub id (default for hf: the model's)")
+    p.add_argument("--tokenizer", default=None, help="byte, a tokenizer dir/file or hub id (default: the checkpoint's, or the hf model's)")
     p.add_argument("--num-samples", type=int, default=256, help="samples for the bipartite estimators")
     p.add_argument("--max-split", type=int, default=64, help="largest split ℓ (splits are 2, 4, …, max)")
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 3, 4], help="L/ℓ ratios")
@@ -67,16 +67,14 @@ def build_scorer(args):
     if kind == "exact":
         source = example_source(target)
         return ExactScorer(source), None, source
-    from l2m.data.text import get_tokenizer  # the text pipeline (and Lightning) only when text is measured
-
     if kind == "hf":
+        from l2m.data.text import get_tokenizer  # the text pipeline (and Lightning) only for text
+
         scorer = load_hf_scorer(target, args.device, args.batch_size, args.dtype)
         tokenizer = get_tokenizer(args.tokenizer or target)
     elif args.scorer.endswith(".ckpt"):
-        if args.tokenizer is None:
-            raise ValueError("--tokenizer is required with an l2m checkpoint: the tokenizer it was trained with (e.g. byte)")
-        tokenizer = get_tokenizer(args.tokenizer)
-        scorer = load_checkpoint_scorer(args.scorer, tokenizer.bos_id, args.device, args.batch_size)
+        scorer = load_checkpoint_scorer(args.scorer, args.tokenizer, args.device, args.batch_size)
+        tokenizer = scorer.tokenizer
     else:
         raise ValueError(f"--scorer must be a .ckpt file, hf:<model> or exact:<markov|mixture>, got {args.scorer!r}")
     check_tokenizer(tokenizer, scorer)

@@ -89,6 +89,7 @@ class ModelScorer(Scorer):
         self.vocab_size, self.bos_id, self.max_len = vocab_size, bos_id, max_len
         self.device = torch.device(device)
         self.name = name
+        self.tokenizer = None  # the tokenizer the scorer was built for, when known
 
     def _score(self, tokens):
         tokens = tokens.to(self.device)
@@ -101,20 +102,34 @@ class ModelScorer(Scorer):
         return {**super().describe(), "name": self.name, "max_len": self.max_len}
 
 
-def load_checkpoint_scorer(path: str, bos_id: int, device: str = "cpu", batch_size: int = 8) -> ModelScorer:
-    """Scorer from an l2m training checkpoint (`L2MModule.load_from_checkpoint`) of a text model."""
+def load_checkpoint_scorer(path: str, tokenizer=None, device: str = "cpu", batch_size: int = 8) -> ModelScorer:
+    """Scorer from an l2m training checkpoint (`L2MModule.load_from_checkpoint`) of a text model.
+
+    tokenizer: a Tokenizer or name (`l2m.data.text.get_tokenizer`) giving BOS; default: the one
+    recorded in the checkpoint's data config. The chosen tokenizer is kept as `scorer.tokenizer`.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    from l2m.training import L2MModule  # Lightning only here, never at l2m.mi import time
+    from l2m.data.text import get_tokenizer  # Lightning only here, never at l2m.mi import time
+    from l2m.training import L2MModule
 
     module = L2MModule.load_from_checkpoint(path, map_location="cpu")
     io = dict(module.hparams["io"])
     if io.get("kind") != "discrete":
         raise ValueError(f"MI of text needs a discrete-token model; the checkpoint's io is {io}")
+    if tokenizer is None:
+        tokenizer = (module.hparams.get("data") or {}).get("tokenizer")
+        if tokenizer is None:
+            raise ValueError(f"{path} records no tokenizer: pass the one the model was trained with (e.g. byte)")
+    if isinstance(tokenizer, str):
+        tokenizer = get_tokenizer(tokenizer)
     model = module.model.to(device).eval()
     arch = dict(module.hparams["model"]).get("arch")
     max_len = int(module.hparams["seq_len"]) if arch == "gpt" else None  # learned positions stop there
-    return ModelScorer(model, int(io["vocab_size"]), bos_id, max_len, device, batch_size, name=path)
+    scorer = ModelScorer(model, int(io["vocab_size"]), tokenizer.bos_id, max_len, device, batch_size, name=path)
+    check_tokenizer(tokenizer, scorer)
+    scorer.tokenizer = tokenizer
+    return scorer
 
 
 def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: str = "float32") -> ModelScorer:
@@ -135,14 +150,16 @@ def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: s
     return ModelScorer(lambda ids: model(ids).logits, vocab, int(bos), max_len and max_len - 1, device, batch_size, name)
 
 
-def check_tokenizer(tokenizer, scorer: Scorer, padding: int = 256) -> None:
+def check_tokenizer(tokenizer, scorer: Scorer) -> None:
     """Refuse a tokenizer whose vocabulary cannot be the scorer's.
 
-    Hugging Face models pad their embedding tables (GPT-NeoX: 50,277 tokens, 50,432 rows), so
-    the scorer may exceed the tokenizer by fewer than `padding` rows; anything else is a mismatch.
+    Models pad their embedding tables (GPT-NeoX: 50,277 tokens, 50,432 rows; Qwen2: 151,665 and
+    151,936), so the scorer may exceed the tokenizer up to the next multiple of 256 or by 1 %,
+    whichever is larger; anything else is a mismatch.
     """
     v_tok, v_model = int(tokenizer.vocab_size), int(scorer.vocab_size)
-    if not v_tok <= v_model < v_tok + padding:
+    padded = max(-(-v_tok // 256) * 256, int(v_tok * 1.01))
+    if not v_tok <= v_model <= padded:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} has {v_tok} tokens but the scorer's vocabulary "
             f"has {v_model}: use the tokenizer the model was trained with"
