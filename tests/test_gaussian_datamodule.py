@@ -148,7 +148,7 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):
     (ckpt,) = tmp_path.glob("*step=4*.ckpt")
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state == [{"batches_served": 4}]
-    resumed, _ = fit(8, ckpt_path=ckpt)
+    resumed, _ = fit(8, ckpt_dir=tmp_path, ckpt_path=ckpt, every=4)  # the same command, resumed
 
     seen = first.train_x + resumed.train_x
     assert len(seen) == len(full.train_x) == 8
