@@ -1,0 +1,20 @@
+"""Position-wise metrics of a checkpoint: `python evaluate.py ckpt_path=... [data.val_size=N]`.
+
+Writes positionwise.csv, summary.json and positionwise.png to a new run directory.
+Configs: conf/evaluate.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from l2m.training.run import evaluate, report_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""L²M callbacks: history-state size vs the data's MI, and position-wise metrics on held-out data.
+
+Reusable outside this repository: they need a LightningModule with `.model` (an L2MModel:
+`history_state_size`, `history_state_breakdown`, `num_params`) and `.task`, and a datamodule with
+`seq_len`, `bipartite_mi_half()`, `nll_floor()` and a fixed `val_dataloader()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.loggers import WandbLogger
+
+from l2m.training.metrics import Positionwise, evaluate_positionwise
+from l2m.training.report import positionwise_rows, write_outputs
+
+
+def heldout_batches(datamodule: L.LightningDataModule, device: Any) -> Iterator:
+    """The datamodule's held-out batches, on `device`, as the model sees them in training.
+
+    Under DDP a datamodule may give each rank its own share (the all-reduced averages are exact
+    for any split) or the whole set to every rank (then it is only evaluated redundantly).
+    """
+    for batch in datamodule.val_dataloader():
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+        batch = move_data_to_device(batch, device)
+        yield datamodule.on_after_batch_transfer(batch, 0)
+
+
+def history_state_summary(model: Any, datamodule: Any) -> dict[str, Any]:
+    """dim(z_{L/2}) (total and parts), the data's I_BP(L/2; L) and their ratio (paper Fig. 3c)."""
+    half = datamodule.seq_len // 2
+    dim_z = model.history_state_size(half)
+    i_bp = datamodule.bipartite_mi_half()
+    parts = {f"dim_z_half_{name}": int(n) for name, n in model.history_state_breakdown(half).items()}
+    return {
+        "dim_z_half": int(dim_z),
+        **parts,
+        "i_bp_half": None if i_bp is None else float(i_bp),
+        "ratio": None if i_bp is None else float(i_bp) / dim_z,
+    }
+
+
+def log_summary(trainer: L.Trainer, values: Mapping[str, Any]) -> None:
+    """Numbers to every logger (prefix `l2m/`), everything to the W&B run summary."""
+    numbers = {f"l2m/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in trainer.loggers:
+        logger.log_metrics(numbers, step=trainer.global_step)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.summary.update(dict(values))
+
+
+class HistoryStateCallback(L.Callback):
+    """At fit start: log dim(z_{L/2}), I_BP(L/2; L) and I_BP / dim(z), into the run summary too."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_summary(trainer, history_state_summary(pl_module.model, trainer.datamodule))
+
+
+def run_summary(pl_module: L.LightningModule, datamodule: Any, metrics: Positionwise, step: int) -> dict[str, Any]:
+    """Everything summary.json holds, apart from the initial (before-training) averages."""
+    model = pl_module.model
+    return {
+        "model": pl_module.hparams["model"].get("name", pl_module.hparams["model"].get("arch")),
+        "task": pl_module.task,
+        "params": int(model.num_params()),
+        "seq_len": int(datamodule.seq_len),
+        "step": int(step),
+        **history_state_summary(model, datamodule),
+        **metrics.summary(),
+    }
+
+
+def evaluate_module(pl_module: L.LightningModule, datamodule: Any) -> Positionwise:
+    """Position-wise metrics of a module's model on the datamodule's held-out set."""
+    batches = heldout_batches(datamodule, pl_module.device)
+    return evaluate_positionwise(pl_module.model, batches, pl_module.task, datamodule.nll_floor())
+
+
+class PositionwiseCallback(L.Callback):
+    """Position-wise KL_i / NLL_i on the datamodule's fixed held-out set.
+
+    Measured before the first step (`initial_avg_kl`, kept across resumes), every
+    `every_n_steps` steps (0: never) and at the end of training, when it writes positionwise.csv,
+    summary.json and positionwise.png to `out_dir` and logs the plot and table to W&B.
+    """
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int = 0, smooth: int = 5):
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.smooth = smooth
+        self.initial: dict[str, float | None] | None = None
+        self.summary: dict[str, Any] | None = None
+        self._last_step = -1
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Positionwise:
+        metrics = evaluate_module(pl_module, trainer.datamodule)
+        averages = {f"val/{k}": v for k, v in metrics.summary().items() if isinstance(v, float)}
+        for logger in trainer.loggers:
+            logger.log_metrics(averages, step=trainer.global_step)
+        return metrics
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.initial is None:  # restored from the checkpoint when resuming
+            averages = self._evaluate(trainer, pl_module).summary()
+            self.initial = {"initial_avg_kl": averages["avg_kl"], "initial_avg_nll": averages["avg_nll"]}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = self._evaluate(trainer, pl_module)
+        self.summary = {**run_summary(pl_module, trainer.datamodule, metrics, trainer.global_step), **self.initial}
+        if not trainer.is_global_zero:
+            return
+        paths = write_outputs(self.out_dir, metrics, self.summary, title=self.summary["model"], smooth=self.smooth)
+        log_summary(trainer, self.summary)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns, rows = positionwise_rows(metrics)
+                logger.log_table("positionwise/table", columns=columns, data=rows)
+                logger.log_image("positionwise/plot", images=[str(paths["plot"])])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial = state_dict["initial"]

@@ -1,0 +1,114 @@
+"""The LightningModule that trains any l2m model on either task."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from l2m.models import build_model
+from l2m.training.metrics import TASKS, token_losses
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stopped before the bad update."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class L2MModule(L.LightningModule):
+    """Next-token training of an L2MModel.
+
+    Gaussian task: loss = exact conditional KL averaged over positions and dimensions (spec §4);
+    logs KL and NLL in nats per token (summed over copies). Text task: loss = mean NLL.
+
+    Args:
+        model: model config for `l2m.models.build_model` (name, arch, n_layer, d_model, ...).
+        io: the data's I/O adapter config, `datamodule.io_config()`.
+        seq_len: context length L (the number of predicted positions).
+        task: "gaussian" or "text".
+        optim: lr, weight_decay, betas, eps, warmup_steps, total_steps (None: trainer.max_steps),
+            min_lr_ratio.
+        compile: compile the model's forward with torch.compile.
+        data: the data config it was trained on, kept in the checkpoint so that evaluation can
+            rebuild the held-out set.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        io: dict,
+        seq_len: int,
+        task: str,
+        optim: dict,
+        compile: bool = False,
+        data: dict | None = None,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is not supported; expected one of {TASKS}")
+        self.save_hyperparameters()
+        self.task = task
+        self.model = build_model(model, io, max_seq_len=seq_len)
+        if compile:
+            self.model.compile()  # in place: parameter names and checkpoints are unchanged
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = token_losses(self.model, batch, self.task)
+        if self.task == "gaussian":
+            loss = losses["kl"].mean()
+            self.log("train/kl", losses["kl"].sum(-1).mean(), prog_bar=True)
+        else:
+            loss = losses["nll"].mean()
+        self._stop_if_not_finite(loss)
+        self.log("train/loss", loss)
+        self.log("train/nll", losses["nll"].mean())
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        # Every rank must take the same decision, or the others would hang in the next all-reduce.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}; stopped before applying "
+                "this update. Lower optim.lr, raise trainer.gradient_clip_val or use precision 32-true, "
+                "and resume from the last good checkpoint with ckpt_path=..."
+            )
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.hparams.optim
+        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        total = cfg.get("total_steps") or self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("the LR schedule needs a length: set trainer.max_steps or optim.total_steps")
+        if cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=cfg["warmup_steps"],
+            total_steps=total,
+            min_lr_ratio=cfg["min_lr_ratio"],
+        )
+        scheduler = LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,20 @@
+"""Train an l2m model: `python train.py [model=... data.levels=... trainer=... experiment=...]`.
+
+With no arguments: a tiny GPT on the Gaussian task (L = 64, 64 copies) on the CPU in a few
+minutes, ending with the L²M summary table. Configs: conf/train.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from l2m.training.run import report_errors, train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()
