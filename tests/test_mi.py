@@ -186,6 +186,7 @@ def test_estimators_agree_with_exact_values(source):
     assert result.passes == scorer.sequences == 4000 * (1 + 2 * 3)
     assert result.tokens == 4000 * (16 + (6 + 8) + (12 + 16) + (8 + 16))
     assert result.passes_paper == 4000 * (5 + 2 * 7)  # lengths 4, 6, 8, 12, 16; seven splits
+    assert result.tokens_paper == 4000 * ((4 + 6 + 8 + 12 + 16) + (6 + 10 + 14 + 12 + 20 + 28 + 24))
     assert set(result.fits["direct"]) == {2, 3, 4}
 
 

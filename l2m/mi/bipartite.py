@@ -51,6 +51,7 @@ class BipartiteResult:
     passes: int = 0
     passes_paper: int = 0  # N · Σ_L (1 + 2·|splits of length L|): every length scored on its own
     tokens: int = 0
+    tokens_paper: int = 0  # tokens that scoring every length on its own would read
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -159,6 +160,7 @@ def bipartite_mi(
         dropped=dropped,
         passes=scorer.sequences - passes_before,
         passes_paper=n * (len({seq for _, seq in kept}) + 2 * len(kept)),
+        tokens_paper=n * (sum({seq for _, seq in kept}) + sum(2 * seq - ell for ell, seq in kept)),
         tokens=scorer.tokens - tokens_before,
         seconds=scorer.seconds - seconds_before,
     )

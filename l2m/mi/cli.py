@@ -211,8 +211,8 @@ def _log_wandb(args, report: dict) -> None:
 
 def _print_summary(report: dict, out: Path) -> None:
     b = report["bipartite"]
-    print(f"bipartite MI ({b['passes']} forward passes, {b['passes_paper']} scoring each length apart; "
-          f"{b['tokens_per_s'] or 0:.0f} tokens/s)")
+    print(f"bipartite MI: {b['passes']} sequences / {b['tokens']} tokens scored ({b['passes_paper']} / "
+          f"{b['tokens_paper']} scoring every length apart), {b['tokens_per_s'] or 0:.0f} tokens/s")
     print(f"{'estimator':<20}{'L/ℓ':>5}{'β':>9}{'± SE':>9}")
     for est, fits in b["fits"].items():
         for r, f in fits.items():
