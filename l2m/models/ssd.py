@@ -86,29 +86,29 @@ def ssd_chunked(
     xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, r, p)
     Bc = F.pad(B, (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, n)
     Cc = F.pad(C, (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, n)
-    a = F.pad(dt * A, (0, 0, 0, pad)).view(b, c, Q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, Q)
-    a_cum = a.cumsum(dim=-1)  # (b, g, r, c, Q): log-decay from the chunk start to l (inclusive)
-    seg = _segsum(a)  # (b, g, r, c, l, s): log-decay from s to l
+    a = F.pad(dt * A, (0, 0, 0, pad)).view(b, c, Q, g, r)  # log-decay of each step
+    a_cum = a.cumsum(dim=2)  # (b, c, Q, g, r): log-decay from the chunk start to l (inclusive)
+    seg = _segsum(a.permute(0, 3, 4, 1, 2))  # (b, g, r, c, l, s): log-decay from s to l
 
     # 1. within chunks: y[l] = sum_{s<=l} (C[l].B[s]) exp(seg[l, s]) dt[s] x[s]
     scores = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc).unsqueeze(2) * seg.exp()  # (b, g, r, c, l, s)
     y = torch.einsum("bgrcls,bcsgrp->bclgrp", scores, xdt)
 
-    # 2. each chunk's contribution to the state at its end: decay from s to the chunk end
-    decay_to_end = seg[..., -1, :].exp()  # (b, g, r, c, s)
-    chunk_states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", Bc, decay_to_end, xdt)
+    # 2. each chunk's contribution to the state at its end; decay from s to the end = seg's last row
+    decay_to_end = seg[..., -1, :].exp().permute(0, 3, 4, 1, 2).unsqueeze(-1)  # (b, c, s, g, r, 1)
+    chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xdt * decay_to_end)
 
     # 3. across chunks: the state entering each chunk (a loop over chunks, not time steps)
-    chunk_decay = a_cum[..., -1].exp()  # (b, g, r, c)
+    chunk_decay = a_cum[:, :, -1, :, :, None, None].exp()  # (b, c, g, r, 1, 1)
     state = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n)
     entering = []
     for k in range(c):
         entering.append(state)
-        state = chunk_decay[..., k, None, None] * state + chunk_states[:, k]
+        state = chunk_decay[:, k] * state + chunk_states[:, k]
     entering = torch.stack(entering, dim=1)  # (b, c, g, r, p, n)
 
-    # 4. the entering state, decayed to position l, read out by C[l]
-    y = y + torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, entering, a_cum.exp())
+    # 4. the entering state read out by C[l], decayed from the chunk start to l
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cc, entering) * a_cum.exp().unsqueeze(-1)
 
     y = y.reshape(b, c * Q, h, p)[:, :T]
     if D is not None:
