@@ -40,12 +40,14 @@ def documents() -> list[str]:
 
 @pytest.fixture(scope="module")
 def bpe_path(tmp_path_factory, documents) -> str:
-    """A real byte-level BPE tokenizer (Hugging Face `tokenizers`) trained here, saved to disk."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A real byte-level BPE tokenizer (Hugging Face `tokenizers`) trained here, saved to disk;
+    built like GPT-NeoX's (byte-level pre-tokenizer, decoder and offset-trimming post-processor)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
@@ -305,21 +307,25 @@ def test_train_stream_is_rank_distinct_and_resumable(tmp_path):
 # ---- training on text (Lightning + Hydra, the real train.py code path) ----
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-mamba"])
-def test_tiny_models_train_on_text_and_write_positionwise_nll(tmp_path, model):
+def _train(tmp_path: Path, run: str, *overrides: str) -> dict:
+    """Run train.py's code path on the text-tiny preset, shrunk to seconds."""
     from hydra import compose, initialize_config_dir
 
     from l2m.training.run import train
 
     conf = Path(__file__).parents[1] / "conf"
-    overrides = [
-        "experiment=text-tiny", f"model={model}", "logger=csv", "trainer.max_steps=12",
-        f"data.source={CORPUS}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=48",
-        "data.val_size=16", "data.progress=false", "optim.warmup_steps=2", "optim.lr=3e-3",
+    small = [
+        "experiment=text-tiny", "logger=csv", f"data.source={CORPUS}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.seq_len=48", "data.val_size=16", "data.progress=false", "optim.warmup_steps=2", "optim.lr=3e-3",
     ]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    summary = train(cfg, run_dir=tmp_path / "run")
+        cfg = compose("train", overrides=[*small, *overrides])
+    return train(cfg, run_dir=tmp_path / run)
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-mamba"])
+def test_tiny_models_train_on_text_and_write_positionwise_nll(tmp_path, model):
+    summary = _train(tmp_path, "run", f"model={model}", "trainer.max_steps=12")
     rows = (tmp_path / "run" / "positionwise.csv").read_text().splitlines()
     assert rows[0].split(",")[:2] == ["position", "nll"] and len(rows) == 1 + 48
     nll = np.array([float(r.split(",")[1]) for r in rows[1:]])
@@ -328,3 +334,18 @@ def test_tiny_models_train_on_text_and_write_positionwise_nll(tmp_path, model):
     # 12 steps already take the byte-level NLL well below its start (log 258 = 5.55 nats)
     assert summary["avg_nll"] == pytest.approx(nll.mean(), rel=1e-6)
     assert summary["avg_nll"] < summary["initial_avg_nll"] - 0.5
+
+
+def test_resumed_text_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    common = ["trainer.max_steps=8", "optim.total_steps=8", "callbacks.checkpoint.every_n_steps=4",
+              "callbacks.l2m=false", "data.batch_size=2"]
+    _train(tmp_path, "straight", *common)
+    _train(tmp_path, "first_half", *common, "trainer.max_steps=4")
+    ckpt = tmp_path / "first_half" / "checkpoints" / "last.ckpt"
+    _train(tmp_path, "resumed", *common, f"ckpt_path={ckpt}")
+    load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
+    straight, resumed = load("straight"), load("resumed")
+    assert resumed["global_step"] == straight["global_step"] == 8
+    assert resumed["TextDataModule"] == straight["TextDataModule"] == {"batches_served": 8}
+    for name, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-5, atol=1e-6)
