@@ -59,6 +59,45 @@ def test_covariance_and_every_split_match_brute_force_log_dets(kind):
     assert fam.two_point_mi(i, j) == pytest.approx(-math.log(1 - cov[i - 1, j - 1].item() ** 2), rel=1e-12)
 
 
+def corr_power(c, power: float) -> torch.Tensor:
+    """[[1, c], [c, 1]] ** power, by eigendecomposition."""
+    e, v = torch.linalg.eigh(torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64))
+    return v @ torch.diag(e**power) @ v.T
+
+
+def literal_covariance(levels: int, kind: str) -> torch.Tensor:
+    """Σ by following spec §2 step by step on the linear maps themselves: y = A w, w ~ N(0, I).
+
+    An implementation independent of the Kronecker formula the package uses.
+    """
+    g, r = math.sqrt(5) / 4, 0.25
+    m = torch.tensor([[g, g, g, r], [-g, g, -g, r], [-g, -g, g, r], [g, -g, -g, r]], dtype=torch.float64)
+    a = m.clone()  # level 1: y = M x
+    for _ in range(levels - 1):
+        n = a.shape[0]
+        fresh = torch.eye(n, dtype=torch.float64)
+        # Row i of the n×4 array, as maps from the inputs: subvolume (Y¹_i, Y²_i, Y³_i, W_i) with
+        # three independent copies of the previous level; log (Y_i, W_i1, W_i2, W_i3).
+        parts = (a, a, a, fresh) if kind == "subvolume" else (a, fresh, fresh, fresh)
+        slots = torch.block_diag(*parts).view(4, n, -1)  # (slot q, row i, inputs)
+        z = torch.einsum("pq,qnd->npd", m, slots).reshape(4 * n, -1)  # Z_{i,p} = Σ_q M_pq r_i[q]
+        cov = z @ z.T  # after step 2, before any coupling
+        for i in range(n - 1):
+            p, q = 4 * i + 3, 4 * i + 4  # (Z_{i,4}, Z_{i+1,1})
+            c0 = cov[p, q].item()
+            c1 = 0.4 * (cov[p - 1, p].item() + cov[q, q + 1].item()) + 0.2 * c0
+            z[[p, q]] = corr_power(c1, 0.5) @ corr_power(c0, -0.5) @ z[[p, q]]
+        a = z
+    return a @ a.T
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_covariance_equals_the_literal_construction(kind, levels):
+    exact = GaussianFamily(levels, kind).covariance
+    torch.testing.assert_close(exact, literal_covariance(levels, kind), rtol=0, atol=1e-13)
+
+
 def schur_conditionals(cov: torch.Tensor, z: torch.Tensor):
     """Brute-force p(z_i | z_<i) by Gaussian conditioning, one position at a time. z: (N, L)."""
     means, stds = [], []
