@@ -93,7 +93,9 @@ def _level_blocks(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return gram - fresh, fresh
 
 
-def _couple_pairs(first: torch.Tensor, second: torch.Tensor, t_diag: torch.Tensor, t_off: torch.Tensor, dim: int) -> None:
+def _couple_pairs(
+    first: torch.Tensor, second: torch.Tensor, t_diag: torch.Tensor, t_off: torch.Tensor, dim: int
+) -> None:
     """In place: (first, second) ← T (first, second) along `dim` for all disjoint pairs at once."""
     shape = [1, 1]
     shape[dim] = -1  # broadcast the per-pair coefficients along the pair index
@@ -119,15 +121,15 @@ def _covariance(levels: int, kind: str) -> torch.Tensor:
     cov = cov.view(seq_len, seq_len)
 
     # Step 3: couple (Z_{i,4}, Z_{i+1,1}) for i = 1..n−1, pairs (4i+3, 4i+4) in 0-based indices.
-    rows = cov.view(n, 4, seq_len)
-    c0 = rows[:-1, 3].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(1, n), 0]
-    c_left = rows[:-1, 3].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(n - 1), 2]
-    c_right = rows[1:, 0].view(n - 1, n, 4)[torch.arange(n - 1), torch.arange(1, n), 1]
+    p = 4 * torch.arange(n - 1) + 3  # Z_{i,4}
+    q = p + 1  # Z_{i+1,1}
+    c0, c_left, c_right = cov[p, q], cov[p - 1, p], cov[q, q + 1]  # unit variances: cov = corr
     c1 = 0.4 * (c_left + c_right) + 0.2 * c0
     # T = C1^{1/2} C0^{−1/2}, diagonal in the basis (1,1)/√2, (1,−1)/√2.
     s_plus = torch.sqrt((1 + c1) / (1 + c0))
     s_minus = torch.sqrt((1 - c1) / (1 - c0))
     t_diag, t_off = (s_plus + s_minus) / 2, (s_plus - s_minus) / 2
+    rows = cov.view(n, 4, seq_len)
     _couple_pairs(rows[:-1, 3], rows[1:, 0], t_diag, t_off, dim=0)  # Σ ← T Σ
     cols = cov.view(seq_len, n, 4)
     _couple_pairs(cols[:, :-1, 3], cols[:, 1:, 0], t_diag, t_off, dim=1)  # Σ ← Σ Tᵀ
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(rows) >= 2:
             beta, prefactor, beta_err = fit_power_law([r["L"] for r in rows], [r["i_bp"] for r in rows])
             caption = f"fit I_BP(L/2; L) ≈ {prefactor:.4g}·L^β,  β = {beta:.4f} ± {beta_err:.4f}"
-        table = Table(title=f"{kind} family, {args.copies} cop{'y' if args.copies == 1 else 'ies'}, nats", caption=caption)
+        copies = f"{args.copies} cop{'y' if args.copies == 1 else 'ies'}"
+        table = Table(title=f"{kind} family, {copies}, nats", caption=caption)
         for name in ("levels", "L", "I_BP(L/2; L)", "I_TP(1, L)", "σ_L"):
             table.add_column(name, justify="right")
         for r in rows:
