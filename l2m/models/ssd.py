@@ -102,9 +102,10 @@ def ssd_chunked(
     chunk_decay = a_cum[:, :, -1, :, :, None, None].exp()  # (b, c, g, r, 1, 1)
     state = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n)
     entering = []
-    for k in range(c):
+    # unbind, not [:, k]: indexing in a loop would cost a full-size zero gradient per chunk
+    for decay_k, new_k in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         entering.append(state)
-        state = chunk_decay[:, k] * state + chunk_states[:, k]
+        state = decay_k * state + new_k
     entering = torch.stack(entering, dim=1)  # (b, c, g, r, p, n)
 
     # 4. the entering state read out by C[l], decayed from the chunk start to l
