@@ -8,7 +8,7 @@ from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy, naive_entropy
 from l2m.mi.fit import PowerLawFit, fit_power_law
 from l2m.mi.scorers import ExactScorer, ModelScorer, Scorer, check_tokenizer, load_checkpoint_scorer, load_hf_scorer
-from l2m.mi.sources import MarkovChain, MarkovMixture
+from l2m.mi.sources import MarkovChain, MarkovMixture, example_source
 from l2m.mi.two_point import DecayFit, fit_decay_with_offset, two_point_mi
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "bipartite_mi",
     "check_tokenizer",
     "default_splits",
+    "example_source",
     "fit_decay_with_offset",
     "fit_power_law",
     "grassberger_entropy",

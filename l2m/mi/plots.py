@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from l2m.mi.bipartite import BipartiteResult
 from l2m.mi.two_point import DecayFit
@@ -41,8 +42,11 @@ def plot_bipartite(result: BipartiteResult, path: str | Path, exact: dict | None
                         mfc="none" if estimator == "vclub" else None)
     if exact:
         ax.plot([seq_len for _, seq_len in exact], list(exact.values()), "kx", label="exact")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="bipartite MI I(X;Y) [nats]",
-           title="Bipartite mutual information")
+    values = [getattr(s, est) for s in result.splits for est in _STYLE]
+    # Log axes show the power law; a poor density estimator can give MI ≤ 0, which needs linear axes.
+    ax.set(xscale="log", yscale="log" if min(values) > 0 else "linear", xlabel="sequence length L",
+           ylabel="bipartite MI I(X;Y) [nats]", title="Bipartite mutual information")
+    _ticks_at(ax, [s.seq_len for s in result.splits])
     ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -60,8 +64,16 @@ def plot_two_point(d, mi, se, fit: DecayFit | None, path: str | Path) -> Path:
                     label=f"bias-corrected Î(d) − C (α={fit.alpha:.2f}±{fit.alpha_stderr:.2f})")
         ax.plot(dense, fit.amplitude * dense ** (-fit.alpha), "--", color="C1", alpha=0.6)
     ax.set(xscale="log", yscale="log", xlabel="distance d", ylabel="two-point MI [nats]", title="Two-point mutual information")
+    _ticks_at(ax, d)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def _ticks_at(ax, x) -> None:
+    """Plain-number ticks at the measured x values of a log axis."""
+    ax.set_xticks(sorted(set(np.asarray(x, dtype=float).tolist())))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
