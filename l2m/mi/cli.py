@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,7 @@ def main(argv=None) -> dict:
     splits = [2**k for k in range(1, int(np.log2(args.max_split)) + 1)]
     distances = [2**k for k in range(int(np.log2(args.max_distance)) + 1)]
     scorer, tokenizer, source = build_scorer(args)
+    scorer.progress = partial(tqdm, desc="scoring batches", unit="batch", leave=False, disable=args.no_progress)
     if scorer.max_len is not None and seq_len > scorer.max_len:
         warnings.warn(f"the scorer reads at most {scorer.max_len} tokens: samples cut from {seq_len} to {scorer.max_len}")
     report = {"config": vars(args), "scorer": scorer.describe(), "seq_len": seq_len}
@@ -171,7 +173,7 @@ def main(argv=None) -> dict:
     bigram = grassberger_entropy(counter.pairs(1)[1]) if counter.pairs(1)[1].size else None
     report["bigram_entropy"] = None if bigram is None else {"value": bigram[0], "se": bigram[1]}
 
-    bar = (lambda xs: tqdm(xs, desc="bipartite splits", disable=args.no_progress))
+    bar = partial(tqdm, desc="bipartite splits", disable=args.no_progress)
     result = bipartite_mi(scorer, samples, splits, tuple(args.ratios), bigram, generator, bar)
     report["bipartite"] = result.as_dict()
     exact = None

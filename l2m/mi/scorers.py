@@ -21,6 +21,7 @@ class Scorer:
     vocab_size: int
     bos_id: int
     max_len: int | None = None  # longest sequence (excluding BOS) the model can score
+    progress: Callable | None = None  # wraps the iterable of batches of a call, e.g. a tqdm bar
 
     def __init__(self, batch_size: int = 8):
         if batch_size < 1:
@@ -42,8 +43,9 @@ class Scorer:
                 "use smaller splits (--max-split) or a longer-context model"
             )
         start = time.perf_counter()
+        chunks = tokens.split(self.batch_size)
         with torch.inference_mode():
-            out = torch.cat([self._score(chunk.long()) for chunk in tokens.split(self.batch_size)])
+            out = torch.cat([self._score(chunk.long()) for chunk in (self.progress or iter)(chunks)])
         self.seconds += time.perf_counter() - start
         self.sequences += tokens.shape[0]
         self.tokens += tokens.numel()
@@ -135,12 +137,15 @@ def load_checkpoint_scorer(path: str, tokenizer=None, device: str = "cpu", batch
 def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: str = "float32") -> ModelScorer:
     """Scorer from a Hugging Face causal LM (hub id or local weights directory)."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
+        from packaging.version import Version
     except ImportError as err:
         raise ImportError("Hugging Face scorers need transformers: pip install 'l2m[hf]'") from err
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=getattr(torch, dtype)).to(device).eval()
+    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed
+    model = transformers.AutoModelForCausalLM.from_pretrained(name, **{dtype_arg: getattr(torch, dtype)})
+    model = model.to(device).eval()
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     if bos is None:
