@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch.utils._pytree import tree_leaves
 
 from l2m.models import build_model
-from l2m.models.mamba import Mamba, load_kernels
+from l2m.models.mamba import Mamba, causal_conv1d, load_kernels
 from l2m.models.selective_scan import linear_scan, selective_scan, selective_scan_ref
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -182,21 +182,24 @@ def test_linear_scan_matches_recurrence(T):
     torch.testing.assert_close(linear_scan(a, b), torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 8])  # None: one chunk; 1 and 8 carry the state across chunks
 @pytest.mark.parametrize("dt_scale", [1.0, 30.0])  # 30: decays down to exp(-1e3), far past float range
-def test_parallel_scan_equals_sequential_reference(dt_scale):
+def test_parallel_scan_equals_sequential_reference(dt_scale, chunk_size):
     args = scan_args(dt_scale=dt_scale)
     h0 = torch.randn(2, 6, 5)
-    y, last = selective_scan(**args, delta_softplus=True, h0=h0, return_last_state=True)
+    y, last = selective_scan(**args, delta_softplus=True, h0=h0, return_last_state=True, chunk_size=chunk_size)
     y_ref, last_ref = selective_scan_ref(**args, delta_softplus=True, h0=h0, return_last_state=True)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, last_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_parallel_scan_gradients_equal_reference():
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_parallel_scan_gradients_equal_reference(chunk_size):
     args = scan_args(l=50, requires_grad=True)
     grad_out = torch.randn(2, 6, 50)
-    grads = torch.autograd.grad(selective_scan(**args, delta_softplus=True), list(args.values()), grad_out)
+    y = selective_scan(**args, delta_softplus=True, chunk_size=chunk_size)
+    grads = torch.autograd.grad(y, list(args.values()), grad_out)
     grads_ref = torch.autograd.grad(selective_scan_ref(**args, delta_softplus=True), list(args.values()), grad_out)
     for name, g, g_ref in zip(args, grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"d/d{name}: {m}")
@@ -288,3 +291,17 @@ def test_bad_inputs_errors():
         gauss(torch.zeros(1, 4, 6))
     with pytest.raises(ValueError, match="n_past must be an int >= 0"):
         gauss.history_state_size(-1)
+
+
+def test_linear_scan_gradcheck():
+    a = torch.rand(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_scan, (a, b))
+    assert torch.autograd.gradcheck(linear_scan, (a, b, h0))
+
+
+def test_causal_conv1d_equals_torch_conv():
+    conv = torch.nn.Conv1d(6, 6, kernel_size=4, groups=6, padding=3)
+    x = torch.randn(2, 6, 10)
+    torch.testing.assert_close(causal_conv1d(x, conv.weight.squeeze(1), conv.bias), conv(x)[..., :10])

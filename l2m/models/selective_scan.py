@@ -11,14 +11,17 @@ and compute, for every channel d and state n,
     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t
     y_t  = <C_t, h_t> + D * u_t,   then  y_t *= silu(z_t)
 
-``selective_scan`` evaluates the linear recurrence h_t = a_t h_{t-1} + b_t with a parallel
-(even/odd, Blelloch-style) prefix scan: log2(l) vectorised levels and O(l) total work, no Python
-loop over time. It only ever multiplies decays a_t = exp(dt_t * A) in (0, 1], so it cannot overflow
-however strong the decay is; a cumulative-sum-of-log-decays formulation would need exp(-cumsum),
-which overflows in float32 once a chunk's total decay passes e^88.
+``selective_scan`` cuts the sequence into chunks that fit in cache and carries the state from
+chunk to chunk; within a chunk the linear recurrence h_t = a_t h_{t-1} + b_t is a parallel
+(even/odd, Blelloch-style) prefix scan: log2(t) vectorised levels, O(t) work, no Python loop over
+time steps. Its backward pass is the same scan run in reverse. Only decays a_t = exp(dt_t A) in
+(0, 1] are ever multiplied, so it cannot overflow however strong the decay; a cumsum-of-log-decays
+formulation needs exp(-cumsum), which overflows float32 once a chunk's decay passes e^-88.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +40,29 @@ def selective_scan(
     delta_softplus: bool = False,
     h0: Tensor | None = None,
     return_last_state: bool = False,
+    chunk_size: int | None = None,
 ):
-    """Parallel selective scan. Returns y (b, d, l), plus h_l (b, d, n) if return_last_state.
+    """Chunked parallel selective scan. Returns y (b, d, l), plus h_l (b, d, n) if return_last_state.
 
-    ``h0`` (b, d, n) is the state before the first token (zeros if None).
+    ``h0`` (b, d, n) is the state before the first token (zeros if None). The sequence is cut
+    into chunks of ``chunk_size`` tokens (default: about 2^18 state scalars per chunk, so a
+    chunk's (t, b, d, n) tensors stay in cache); a parallel scan runs within each chunk and the
+    last state is carried into the next.
     """
-    decay, inp = _discretize(u, delta, A, B, delta_bias, delta_softplus)  # (l, b, d, n) each
-    if h0 is not None:
-        inp = torch.cat([inp[:1] + decay[:1] * h0.float(), inp[1:]])
-    h = linear_scan(decay, inp)  # (l, b, d, n)
-    y = torch.einsum("lbdn,bnl->bdl", h, C.float())
-    return _finish(y, u, D, z, h[-1] if return_last_state else None)
+    b, d, l = u.shape
+    if chunk_size is None:
+        chunk_size = max(16, 2 ** int(math.log2(max(1, 2**18 // (b * A.numel())))))
+    dt, u_, B_, C_ = _time_major(u, delta, B, C, delta_bias, delta_softplus)
+    h = None if h0 is None else h0.float()
+    ys = []
+    for start in range(0, l, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        decay, inp = _discretize(dt[chunk], u_[chunk], A, B_[chunk])
+        hs = linear_scan(decay, inp, h)  # (t, b, d, n)
+        ys.append((hs * C_[chunk, :, None, :]).sum(-1))  # (t, b, d)
+        h = hs[-1]
+    y = torch.cat(ys).permute(1, 2, 0)
+    return _finish(y, u, D, z, h if return_last_state else None)
 
 
 def selective_scan_ref(
@@ -64,47 +79,81 @@ def selective_scan_ref(
     return_last_state: bool = False,
 ):
     """Sequential reference: one Python step per token (slow; for tests and benchmarks)."""
-    decay, inp = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    dt, u_, B_, C_ = _time_major(u, delta, B, C, delta_bias, delta_softplus)
+    decay, inp = _discretize(dt, u_, A, B_)
     h = torch.zeros_like(inp[0]) if h0 is None else h0.float()
     ys = []
     # unbind, not indexing: the backward of x[t] would allocate a full-size gradient per step
-    for a_t, b_t, c_t in zip(decay.unbind(0), inp.unbind(0), C.float().unbind(-1)):
+    for a_t, b_t, c_t in zip(decay.unbind(0), inp.unbind(0), C_.unbind(0)):
         h = a_t * h + b_t
         ys.append(torch.einsum("bdn,bn->bd", h, c_t))
     y = torch.stack(ys, dim=-1)
     return _finish(y, u, D, z, h if return_last_state else None)
 
 
-def linear_scan(a: Tensor, b: Tensor) -> Tensor:
-    """All states of h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along dim 0, in log2(T) levels.
+def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
+    """All states of h_t = a_t * h_{t-1} + b_t along dim 0 (h_{-1} = h0, default 0), differentiable.
 
-    Pairs of neighbours (2i, 2i+1) are merged into one step of a half-length recurrence
-    (decay a_{2i+1} a_{2i}, input a_{2i+1} b_{2i} + b_{2i+1}) whose states are the odd states;
-    the even states then follow in one vectorised update.
+    The backward pass is the same scan run in reverse (the adjoint recurrence
+    g_t = dL/dh_t + a_{t+1} g_{t+1}), so autograd stores only a and h.
+    """
+    return _LinearScan.apply(a, b, h0)
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        if h0 is not None:  # fold h0 into the first input
+            b = torch.cat([torch.addcmul(b[:1], a[:1], h0[None]), b[1:]])
+        h = _scan_into(torch.empty_like(b), a, b)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h, h0 = ctx.saved_tensors
+        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])  # a_{t+1}; nothing after the last step
+        g = _scan_into(torch.empty_like(h), a_next.flip(0), grad_h.flip(0)).flip(0)
+        h_prev = torch.cat([torch.zeros_like(h[:1]) if h0 is None else h0[None], h[:-1]])
+        grad_h0 = None if h0 is None else a[0] * g[0]
+        return g * h_prev, g, grad_h0
+
+
+def _scan_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Writes the states of h_t = a_t h_{t-1} + b_t (dim 0) into out, in log2(T) vectorised levels.
+
+    Neighbours (2i, 2i+1) merge into one step of a half-length recurrence (decay a_{2i+1} a_{2i},
+    input a_{2i+1} b_{2i} + b_{2i+1}) whose states are the odd states; the even states follow in
+    one update. About 3 passes over the data in all (a sequential loop needs 2).
     """
     T = a.shape[0]
     if T == 1:
-        return b
-    if T % 2:  # pad with the identity step (a=1, b=0) and drop it again
-        return linear_scan(torch.cat([a, a.new_ones(a[:1].shape)]), torch.cat([b, b.new_zeros(b[:1].shape)]))[:T]
-    a_even, a_odd = a[0::2], a[1::2]
-    b_even, b_odd = b[0::2], b[1::2]
-    h_odd = linear_scan(a_odd * a_even, a_odd * b_even + b_odd)  # h_1, h_3, ...
-    h_before_even = torch.cat([torch.zeros_like(h_odd[:1]), h_odd[:-1]])  # h_{-1}, h_1, h_3, ...
-    h_even = a_even * h_before_even + b_even
-    return torch.stack([h_even, h_odd], dim=1).flatten(0, 1)
+        return out.copy_(b)
+    if T % 2:  # scan all but the last step, then take it
+        _scan_into(out[:-1], a[:-1], b[:-1])
+        torch.addcmul(b[-1], a[-1], out[-2], out=out[-1])
+        return out
+    a_even, a_odd, b_even, b_odd = a[0::2], a[1::2], b[0::2], b[1::2]
+    _scan_into(out[1::2], a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
+    out[0] = b[0]
+    torch.addcmul(b_even[1:], a_even[1:], out[1:-1:2], out=out[2::2])
+    return out
 
 
-def _discretize(u, delta, A, B, delta_bias, delta_softplus):
-    """Time-major decays exp(dt A) and inputs dt B u, each (l, b, d, n), in float32."""
+def _time_major(u, delta, B, C, delta_bias, delta_softplus):
+    """dt = softplus(delta + bias) (l, b, d), u (l, b, d), B and C (l, b, n), all float32."""
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dt = delta.permute(2, 0, 1)[..., None]  # (l, b, d, 1)
-    decay = torch.exp(dt * A.float())  # (l, b, d, n)
-    inp = dt * u.float().permute(2, 0, 1)[..., None] * B.float().permute(2, 0, 1)[:, :, None, :]
+    return tuple(t.float().permute(2, 0, 1) for t in (delta, u, B, C))
+
+
+def _discretize(dt, u, A, B):
+    """Decays exp(dt A) and inputs dt B u, each (t, b, d, n), from time-major dt, u, B."""
+    decay = torch.exp(dt[..., None] * A.float())
+    inp = (dt * u)[..., None] * B[:, :, None, :]
     return decay, inp
 
 

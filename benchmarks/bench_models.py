@@ -1,0 +1,88 @@
+"""Training throughput of the model zoo: tokens/s for forward + backward, per model x backend x L.
+
+    python benchmarks/bench_models.py                      # CPU: tiny presets, L = 256..4096
+    python benchmarks/bench_models.py --device cuda --models gpt2 mamba-130m mamba2-130m
+
+Mamba also runs with backend "reference" (the sequential per-token scan) to show what the
+parallel scan buys. Inputs are Gaussian tokens (dim 64, the synthetic task of the paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from l2m.models import build_model
+from l2m.models.mamba import load_kernels
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def backends(arch: str, device: str, loop_max_len: int, L: int) -> list[str]:
+    if arch == "gpt":
+        return ["-"]
+    names = ["torch"]
+    if device == "cuda" and (arch != "mamba" or load_kernels() is not None):
+        names.append("kernels")
+    if arch == "mamba" and L <= loop_max_len:
+        names.append("reference")
+    return names
+
+
+def time_step(model, x, repeats: int) -> float:
+    """Median seconds of one forward + backward (after one warm-up)."""
+    def run():
+        mean, std = model(x)
+        (mean.square().mean() + std.mean()).backward()
+
+    times = []
+    for i in range(repeats + 1):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-gpt", "tiny-mamba", "tiny-mamba2"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dim", type=int, default=64, help="Gaussian token dimension")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-max-len", type=int, default=4096, help="longest L for the per-token loop")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} dim={args.dim}")
+    print(f"{'model':14s} {'backend':10s} {'L':>6s} {'ms/step':>10s} {'tokens/s':>10s}")
+    results = {}
+    for name in args.models:
+        cfg = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+        for L in args.lengths:
+            for backend in backends(cfg["arch"], args.device, args.loop_max_len, L):
+                if backend != "-":
+                    cfg["backend"] = backend
+                model = build_model(cfg, {"kind": "gaussian", "dim": args.dim}, max_seq_len=L).to(args.device)
+                x = torch.randn(args.batch, L, args.dim, device=args.device)
+                sec = time_step(model, x, args.repeats)
+                results[name, backend, L] = sec
+                print(f"{name:14s} {backend:10s} {L:6d} {1e3 * sec:10.1f} {args.batch * L / sec:10.0f}", flush=True)
+    for (name, backend, L), sec in results.items():
+        if backend == "reference":
+            print(f"{name} L={L}: parallel scan (torch) is {sec / results[name, 'torch', L]:.1f}x faster than the loop")
+
+
+if __name__ == "__main__":
+    main()
