@@ -19,6 +19,7 @@ where an uninterrupted run would be. A Lightning "epoch" is `epoch_size` batches
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
@@ -49,6 +50,12 @@ def heldout_split(doc_hash: np.ndarray, val_size: int) -> tuple[np.ndarray, np.n
     return val, train
 
 
+@lru_cache(maxsize=4)  # a batch needs one or two epochs' orders; consecutive batches share them
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits n training samples."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(n)
+
+
 def train_sample_ids(train: np.ndarray, seed: int, step: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
     """(batch_size,) sample indices of train batch `step` on DDP rank `rank`."""
     first = (step * world_size + rank) * batch_size
@@ -56,9 +63,8 @@ def train_sample_ids(train: np.ndarray, seed: int, step: int, batch_size: int, r
     epochs, offsets = np.divmod(positions, len(train))
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(epoch)])))
         mask = epochs == epoch
-        out[mask] = train[rng.permutation(len(train))[offsets[mask]]]
+        out[mask] = train[epoch_order(seed, int(epoch), len(train))[offsets[mask]]]
     return out
 
 
@@ -174,7 +180,7 @@ class TextDataModule(L.LightningDataModule):
         check_vocab(self.tokenizer.vocab_size, self.vocab_size, f"tokenizer {self.tokenizer.name!r}")
         self.source, self.seq_len, self.batch_size, self.val_size = source, seq_len, batch_size, val_size
         self.seed, self.num_workers, self.epoch_size = seed, num_workers, epoch_size
-        self.sample_len = math.ceil(sample_ratio * seq_len)
+        self.sample_len = math.ceil(round(sample_ratio * seq_len, 6))  # round: 1.2 * 5 is 6.000000000000001
         self._cache_args = dict(
             cache_dir=cache_dir, split=split, text_column=text_column, subset=subset,
             max_documents=max_documents, streaming=streaming, progress=progress,

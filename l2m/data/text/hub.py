@@ -6,6 +6,7 @@ giving up; a short TCP probe answers in milliseconds (DNS failure) or a few seco
 
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import urlparse
 
@@ -21,6 +22,9 @@ def hub_offline() -> bool:
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; a direct probe would wrongly fail
 
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
