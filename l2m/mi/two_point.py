@@ -31,7 +31,11 @@ def pair_mi_stderr(keys: np.ndarray, counts: np.ndarray, vocab_size: int) -> flo
 
 
 def two_point_mi(counter: PairCounter, d: int, estimator: str = "grassberger") -> tuple[float, float]:
-    """Î_TP(d) in nats and its standard error from the pair counts at distance d."""
+    """Î_TP(d) in nats and its standard error from the pair counts at distance d.
+
+    The standard error treats the N pairs as independent; pairs from one document are not,
+    so on text it is a lower bound.
+    """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
     entropy = ESTIMATORS[estimator]
