@@ -302,6 +302,12 @@ def test_train_stream_is_rank_distinct_and_resumable(tmp_path):
     first = next(iter(dm2.train_dataloader()))
     assert first["index"] == 2 and torch.equal(first["input_ids"], next(iter(dm.train_stream(start=2)))["input_ids"])
     assert dm2.on_after_batch_transfer(first, 0).keys() == {"input_ids"}
+    # DataLoader workers split the batches but not the order
+    workers = TextDataModule(str(CORPUS), seq_len=64, batch_size=4, val_size=16, cache_dir=str(tmp_path),
+                             progress=False, num_workers=2)
+    got = [b["input_ids"] for _, b in zip(range(5), workers.train_dataloader())]
+    assert all(torch.equal(a, b) for a, b in zip(got, (b["input_ids"] for b in dm.train_stream())))
+    assert torch.equal(_val(workers), _val(dm))
 
 
 # ---- training on text (Lightning + Hydra, the real train.py code path) ----

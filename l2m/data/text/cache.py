@@ -36,7 +36,9 @@ from l2m.data.text.tokenizer import Tokenizer
 
 CACHE_VERSION = 1  # bump when the sample format or the sampling rule changes
 INDEX_DTYPE = np.dtype([("doc", np.int64), ("doc_hash", np.uint64), ("char_start", np.int64)])
-_ENCODE_BATCH = 64  # documents per tokenizer call (HF tokenizers encode a batch in parallel)
+# Documents per tokenizer call (HF tokenizers encode a batch in parallel), capped in characters
+# so that a batch of books (~0.5 MB each) keeps its token offsets small in memory.
+_BATCH_DOCS, _BATCH_CHARS = 64, 4_000_000
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _build(path: Path, docs: Iterable[str], tokenizer: Tokenizer, sample_len: in
     index: list[tuple[int, int, int]] = []
     t0 = time.perf_counter()
     with open(tmp / "tokens.bin", "wb") as out, tqdm(desc=desc, unit="doc", disable=not progress) as bar:
-        for texts in _batches(docs, _ENCODE_BATCH):
+        for texts in _batches(docs):
             for text, (ids, char_of_token) in zip(texts, tokenizer.encode_offsets(texts)):
                 samples = document_samples(text, ids, char_of_token, tokenizer, sample_len)
                 doc_hash = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
@@ -173,12 +175,13 @@ def _open(path: Path, hit: bool) -> SampleCache:
     return SampleCache(path, open_tokens(path), np.load(path / "index.npy"), stats, hit)
 
 
-def _batches(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == _BATCH_DOCS or chars >= _BATCH_CHARS:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
