@@ -74,8 +74,7 @@ def open_cache(
         raise ValueError(f"sample_len must be >= 1, got {sample_len}")
     key_parts = {
         "version": CACHE_VERSION,
-        "source": source,
-        "source_fingerprint": source_fingerprint(source, split, text_column, subset),
+        "source_fingerprint": source_fingerprint(source, split, text_column, subset),  # "corpus" == "./corpus"
         "split": split,
         "text_column": text_column,
         "subset": subset,
@@ -90,7 +89,7 @@ def open_cache(
     hit = (path / "meta.json").exists()
     if not hit:
         docs = load_documents(source, split, text_column, subset, streaming, max_documents)
-        _build(path, docs, tokenizer, sample_len, key_parts, progress, desc=f"tokenizing {name}")
+        _build(path, docs, tokenizer, sample_len, {"source": source, **key_parts}, progress, f"tokenizing {name}")
     return _open(path, hit)
 
 
