@@ -1,7 +1,7 @@
 """`python -m l2m.mi`: two-point and bipartite MI of a corpus, a causal LM as density estimator (spec §5).
 
-  python -m l2m.mi --corpus tests/data/corpus --tokenizer byte --scorer run/checkpoints/last.ckpt
-  python -m l2m.mi --corpus deepmind/pg19 --scorer hf:EleutherAI/pythia-160m --max-split 512 --device cuda
+  python -m l2m.mi --corpus tests/data/corpus --scorer <run dir>/checkpoints/last.ckpt --max-split 32
+  python -m l2m.mi --corpus emozilla/pg19 --scorer hf:EleutherAI/pythia-160m --max-split 512 --device cuda
   python -m l2m.mi --scorer exact:mixture --max-split 4          # synthetic source, exact answers
 
 Writes OUT/mi.json (every number), OUT/bipartite_mi.png and OUT/two_point_mi.png.
