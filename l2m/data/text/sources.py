@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -51,14 +52,11 @@ def load_documents(
     elif _looks_like_path(source):
         raise FileNotFoundError(
             f"source={source!r}: no such file or folder. Give a folder of .txt files, a .txt, "
-            f".jsonl or .parquet file, or a hub dataset id like 'deepmind/pg19'."
+            f".jsonl or .parquet file, or a hub dataset id like 'emozilla/pg19'."
         )
     else:
         docs = _hub_documents(source, split, text_column, subset, streaming)
-    for n, doc in enumerate(docs):
-        if max_documents is not None and n >= max_documents:
-            return
-        yield doc
+    yield from islice(docs, max_documents)
 
 
 def source_fingerprint(source: str, split: str, text_column: str, subset: str | None) -> str:
