@@ -1,0 +1,43 @@
+"""Shared test setup: W&B offline, its files and every run directory in temporary folders."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports wandb: no account, no network, nothing written outside a temp dir.
+_WANDB_HOME = tempfile.mkdtemp(prefix="l2m-wandb-")
+os.environ["WANDB_MODE"] = "offline"
+for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+    os.environ[_var] = _WANDB_HOME
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run train.py / evaluate.py as a real subprocess from the repository root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def compose_train():
+    """compose_train(*overrides) -> the composed train config (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    def compose_cfg(*overrides: str, return_hydra_config: bool = False):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return compose_cfg
