@@ -107,7 +107,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         if self._use_kernels(hidden):
             selective_scan_fn, causal_conv1d_fn = self.kernels
-            x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            x = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
             scan = selective_scan_fn
         else:
             x = F.silu(causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias))

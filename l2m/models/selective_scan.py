@@ -94,7 +94,7 @@ def selective_scan_ref(
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
     """All states of h_t = a_t * h_{t-1} + b_t along dim 0 (h_{-1} = h0, default 0), differentiable.
 
-    The backward pass is the same scan run in reverse (the adjoint recurrence
+    The backward pass is the same kind of scan run from the end (the adjoint recurrence
     g_t = dL/dh_t + a_{t+1} g_{t+1}), so autograd stores only a and h.
     """
     return _LinearScan.apply(a, b, h0)
@@ -112,24 +112,27 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
-        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])  # a_{t+1}; nothing after the last step
-        g = _scan_into(torch.empty_like(h), a_next.flip(0), grad_h.flip(0)).flip(0)
-        h_prev = torch.cat([torch.zeros_like(h[:1]) if h0 is None else h0[None], h[:-1]])
-        grad_h0 = None if h0 is None else a[0] * g[0]
-        return g * h_prev, g, grad_h0
+        g = _adjoint_scan_into(torch.empty_like(h), a, grad_h)  # dL/db_t
+        grad_a = torch.empty_like(g)  # dL/da_t = g_t h_{t-1}
+        torch.mul(g[1:], h[:-1], out=grad_a[1:])
+        if h0 is None:
+            grad_a[0] = 0
+            return grad_a, g, None
+        torch.mul(g[0], h0, out=grad_a[0])
+        return grad_a, g, a[0] * g[0]
 
 
 def _scan_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Writes the states of h_t = a_t h_{t-1} + b_t (dim 0) into out, in log2(T) vectorised levels.
+    """Writes the states of h_t = a_t h_{t-1} + b_t (dim 0, h_{-1} = 0) into out, in log2(T) levels.
 
     Neighbours (2i, 2i+1) merge into one step of a half-length recurrence (decay a_{2i+1} a_{2i},
-    input a_{2i+1} b_{2i} + b_{2i+1}) whose states are the odd states; the even states follow in
-    one update. About 3 passes over the data in all (a sequential loop needs 2).
+    input a_{2i+1} b_{2i} + b_{2i+1}) whose states are the odd states; the even states then
+    follow in one vectorised update. About 3 passes over the data in all (a sequential loop: 2).
     """
     T = a.shape[0]
     if T == 1:
         return out.copy_(b)
-    if T % 2:  # scan all but the last step, then take it
+    if T % 2:  # all but the last step, then the last
         _scan_into(out[:-1], a[:-1], b[:-1])
         torch.addcmul(b[-1], a[-1], out[-2], out=out[-1])
         return out
@@ -137,6 +140,28 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     _scan_into(out[1::2], a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
     out[0] = b[0]
     torch.addcmul(b_even[1:], a_even[1:], out[1:-1:2], out=out[2::2])
+    return out
+
+
+def _adjoint_scan_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Writes g_t = b_t + a_{t+1} g_{t+1} (g_T = 0), the transpose of ``_scan_into``'s recurrence,
+    into out: the same even/odd halving, run from the end of the sequence."""
+    T = a.shape[0]
+    if T == 1:
+        return out.copy_(b)
+    if T % 2:  # all but the first step, then the first
+        _adjoint_scan_into(out[1:], a[1:], b[1:])
+        torch.addcmul(b[0], a[1], out[1], out=out[0])
+        return out
+    a_even, a_odd, b_even, b_odd = a[0::2], a[1::2], b[0::2], b[1::2]
+    # even states: g_2i = (b_2i + a_2i+1 b_2i+1) + (a_2i+1 a_2i+2) g_2i+2
+    decay = torch.empty_like(a_even)
+    torch.mul(a_odd[:-1], a_even[1:], out=decay[1:])
+    decay[0] = 0  # multiplies nothing: there is no step before the first pair
+    _adjoint_scan_into(out[0::2], decay, torch.addcmul(b_even, a_odd, b_odd))
+    # odd states: g_2i+1 = b_2i+1 + a_2i+2 g_2i+2
+    out[-1] = b[-1]
+    torch.addcmul(b_odd[:-1], a_even[1:], out[2::2], out=out[1:-1:2])
     return out
 
 
