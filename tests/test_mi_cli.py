@@ -97,3 +97,19 @@ def test_bad_input(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="has 4 tokens but the scorer's vocabulary has 258"):
         main(["--scorer", ckpt, "--tokenizer", str(tmp_path / "tokenizer.json"), "--corpus", CORPUS,
               "--max-split", "16", "--cache-dir", cache, "--out", str(tmp_path)])
+
+
+def test_hugging_face_model_from_local_folder(checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, cache = checkpoint
+    config = transformers.GPT2Config(vocab_size=258, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=256, eos_token_id=257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    with pytest.warns(UserWarning, match="samples cut from 64 to 63"):
+        report = main(["--corpus", CORPUS, "--scorer", f"hf:{tmp_path / 'model'}", "--tokenizer", "byte",
+                       "--max-split", "16", "--num-samples", "4", "--max-distance", "4", "--count-tokens", "2000",
+                       "--cache-dir", cache, "--out", str(tmp_path / "mi"), "--no-progress"])
+    # n_positions 64 = BOS + 63 tokens: samples are cut to 63, so ℓ = 16 loses L = 64.
+    assert report["scorer"]["max_len"] == 63 and report["scorer"]["bos_id"] == 256
+    assert [tuple(x) for x in report["bipartite"]["dropped"]] == [(16, 64)]
+    assert (tmp_path / "mi" / "mi.json").exists()
