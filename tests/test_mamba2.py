@@ -255,6 +255,8 @@ def test_bad_input_shapes():
     inp = scan_inputs()
     with pytest.raises(ValueError, match="dt must be"):
         ssd_chunked(inp["x"], inp["dt"][:, 1:], inp["A"], inp["B"], inp["C"], chunk_size=4)
+    with pytest.raises(ValueError, match="at least one time step"):
+        ssd_chunked(inp["x"][:, :0], inp["dt"][:, :0], inp["A"], inp["B"][:, :0], inp["C"][:, :0], chunk_size=4)
     with pytest.raises(ValueError, match="ngroups = 3 must divide nheads = 4"):
         B = torch.zeros(2, 37, 3, 5, dtype=torch.float64)
         ssd_chunked(inp["x"], inp["dt"], inp["A"], B, B, chunk_size=4)

@@ -6,7 +6,7 @@ Per head h (with the group g = h // (nheads / ngroups) supplying B and C), the r
     y_t     = state_t C_t + D_h * x_t
 
 `ssd_chunked` evaluates it for a whole sequence without a loop over time steps (Dao & Gu 2024,
-"Transformers are SSMs", §6): inside each chunk of Q steps the output is a masked, decayed
+"Transformers are SSMs"): inside each chunk of Q steps the output is a masked, decayed
 attention-like product (quadratic in Q); chunk-final states are carried from chunk to chunk
 by a short loop over T/Q chunks. `ssd_step` is one step of the recurrence (the mixer's
 step mode) and `ssd_sequential` loops it over time: the reference the tests compare against.
@@ -26,6 +26,8 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Non
     if x.ndim != 4:
         raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     b, T, h, _ = x.shape
+    if T < 1:
+        raise ValueError("x must hold at least one time step (seqlen >= 1)")
     if dt.shape != (b, T, h):
         raise ValueError(f"dt must be (batch, seqlen, nheads) = {(b, T, h)}, got {tuple(dt.shape)}")
     if A.shape != (h,):
