@@ -249,8 +249,12 @@ def test_heldout_set_is_identical_across_runs_and_document_order(tmp_path, docum
     reverse.write_text("".join(json.dumps({"text": d}) + "\n" for d in reversed(documents)))
     c = TextDataModule(str(reverse), cache_dir=str(tmp_path / "c"), **kw)
     assert torch.equal(_val(c), va)
+    # DDP ranks evaluate disjoint shares of it
+    shares = [a.val_indices(r, 3) for r in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == sorted(a.val_ids.tolist())
+    with pytest.raises(ValueError, match="must be >= the number of DDP ranks"):
+        a.val_indices(0, 21)
     # no held-out document is trained on
-    a.setup()
     val_docs = set(a.cache.index["doc_hash"][a.val_ids].tolist())
     assert val_docs.isdisjoint(a.cache.index["doc_hash"][a.train_ids].tolist())
 

@@ -7,6 +7,7 @@ boundary; see l2m.data.text.cache) are tokenized once and memory-mapped. A batch
 Held-out set: whole documents, chosen by the hash of their text (lowest hashes first) until
 `val_size` samples are collected. It depends on neither the document order nor the seed, so
 every run sees the same held-out samples, and no held-out document contributes to training.
+Under DDP rank r evaluates samples r, r + world_size, ... of it.
 
 Train stream: an endless sequence of epochs over the training samples, each epoch a fresh
 permutation keyed by (seed, epoch). Step k of DDP rank r takes positions
@@ -245,10 +246,17 @@ class TextDataModule(L.LightningDataModule):
         self._train_stream = self.train_stream(*self._rank(), start=self.batches_served)
         return self._loader(self._train_stream)
 
-    def val_dataloader(self) -> DataLoader:
-        """The whole held-out set in a fixed order (consumers shard its batches across ranks)."""
+    def val_indices(self, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """This rank's share of the held-out samples: disjoint across ranks, together all of them."""
         self.setup()
-        return self._loader(_HeldOut(self.cache.path, self.seq_len, self.tokenizer.bos_id, self.val_ids, self.batch_size))
+        if len(self.val_ids) < world_size:
+            raise ValueError(f"val_size ({len(self.val_ids)}) must be >= the number of DDP ranks ({world_size})")
+        return self.val_ids[rank::world_size]
+
+    def val_dataloader(self) -> DataLoader:
+        """This rank's share of the held-out set, in a fixed order."""
+        val = self.val_indices(*self._rank())
+        return self._loader(_HeldOut(self.cache.path, self.seq_len, self.tokenizer.bos_id, val, self.batch_size))
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         # batch_size=None: the datasets yield whole batches. Workers are not persistent so that
