@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -99,8 +100,18 @@ def run_names() -> tuple[str | None, str | None]:
     return group, hydra_cfg.job.override_dirname or None
 
 
+def instantiate_data(data: dict) -> L.LightningDataModule:
+    """The datamodule of a data config; its bad-input ValueError comes out as such."""
+    try:
+        return instantiate(data)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):
+            raise ValueError(f"data ({data.get('_target_')}): {error.__cause__}") from error.__cause__
+        raise
+
+
 def build(cfg: DictConfig, data: dict) -> tuple[L.LightningDataModule, L2MModule]:
-    datamodule = instantiate(data)
+    datamodule = instantiate_data(data)
     module = L2MModule(
         model=_plain(cfg.model),
         io=datamodule.io_config(),
@@ -168,7 +179,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     module = L2MModule.load_from_checkpoint(ckpt_path, map_location=device)
     # The data config is the one trained on, updated by the non-null keys given here (val_size...).
     overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
-    datamodule = instantiate(data_config({**module.hparams.data, **overrides}))
+    datamodule = instantiate_data(data_config({**module.hparams.data, **overrides}))
     datamodule.prepare_data()
     datamodule.setup("validate")
 

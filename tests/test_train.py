@@ -1,0 +1,148 @@
+"""End to end through the real entry points: the main job, evaluation of its checkpoint, resume,
+a diverging run, bad input. Real Lightning, Hydra and W&B (offline)."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, run_script
+from l2m.data.gaussian import GaussianFamily
+from l2m.training import NonFiniteLossError
+from l2m.training.run import evaluate, train
+
+FAST = ["logger=none", "data.val_size=8", "data.batch_size=4", "+trainer.enable_progress_bar=false"]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """`python train.py` as shipped (tiny GPT, L = 64, 64 copies, W&B offline) on a small budget."""
+    run_dir = tmp_path_factory.mktemp("main") / "run"
+    result = run_script(
+        "train.py", "trainer.max_steps=200", "data.val_size=64", "callbacks.checkpoint.every_n_steps=100",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, result.stdout
+
+
+def test_main_job_learns_and_reports_the_l2m_numbers(main_run):
+    run_dir, stdout = main_run
+    s = read_summary(run_dir)
+    assert s["avg_kl"] < 0.8 * s["initial_avg_kl"], s
+    assert (s["model"], s["seq_len"], s["step"], s["num_sequences"]) == ("tiny-gpt", 64, 200, 64)
+    assert s["dim_z_half"] == s["dim_z_half_kv"] == 2 * 2 * 64 * 32  # K and V, 2 layers, d_model 64, 32 tokens
+    assert s["i_bp_half"] == pytest.approx(64 * 2.730142214888428, rel=1e-9)  # spec reference x 64 copies
+    assert s["ratio"] == pytest.approx(s["i_bp_half"] / s["dim_z_half"])
+    for key in ("kl_first_quarter", "kl_last_quarter", "avg_nll", "params"):
+        assert math.isfinite(s[key])
+    # the table it ends with, and where its files are
+    assert "I_BP / dim(z)" in stdout and "kl_last_quarter" in stdout and str(run_dir / "positionwise.png") in stdout
+
+
+def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
+    run_dir, _ = main_run
+    with open(run_dir / "positionwise.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["position", "kl", "nll", "nll_floor"] and len(rows) == 64
+    floor = GaussianFamily(3, copies=64).conditional_entropy()
+    for i, row in enumerate(rows):
+        assert int(row["position"]) == i + 1
+        assert float(row["nll_floor"]) == pytest.approx(float(floor[i]), rel=1e-12)
+        assert float(row["nll"]) == pytest.approx(float(row["kl"]) + float(row["nll_floor"]), rel=1e-6)
+        assert float(row["kl"]) >= 0
+    assert (run_dir / "positionwise.png").stat().st_size > 10_000
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", "step200.ckpt"}
+
+
+def test_main_job_logs_an_offline_wandb_run_with_the_l2m_summary(main_run):
+    run_dir, stdout = main_run
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    sync_lines = [line for line in stdout.splitlines() if "wandb sync" in line]
+    assert sync_lines == [f"W&B logged offline; upload this run with: wandb sync {wandb_run}"]
+    records = next(wandb_run.glob("run-*.wandb")).read_bytes()
+    for key in (b"initial_avg_kl", b"i_bp_half", b"dim_z_half", b"kl_last_quarter", b"positionwise/plot"):
+        assert key in records, key
+    assert any((wandb_run / "files" / "media" / "images").rglob("*.png"))
+
+
+def test_evaluate_recomputes_the_same_metrics_from_the_checkpoint(main_run, tmp_path):
+    run_dir, _ = main_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    result = run_script("evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'same'}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    trained, evaluated = read_summary(run_dir), read_summary(tmp_path / "same")
+    for key in ("avg_kl", "kl_first_quarter", "kl_last_quarter", "avg_nll", "initial_avg_kl", "ratio"):
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
+    assert (tmp_path / "same" / "positionwise.png").is_file() and (tmp_path / "same" / "positionwise.csv").is_file()
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "data.val_size=16"])
+    assert evaluate(cfg, run_dir=tmp_path / "small")["num_sequences"] == 16
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(compose_train, tmp_path):
+    common = [*FAST, "data.levels=2", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_steps=100"]
+    train(compose_train(*common, "trainer.max_steps=12"), run_dir=tmp_path / "full")
+    # the first half stops at 6 steps of the same 12-step LR schedule
+    train(compose_train(*common, "trainer.max_steps=6", "optim.total_steps=12"), run_dir=tmp_path / "half")
+    half = tmp_path / "half" / "checkpoints" / "last.ckpt"
+    train(compose_train(*common, "trainer.max_steps=12", f"ckpt_path={half}"), run_dir=tmp_path / "resumed")
+
+    def weights(run):
+        return torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    full, resumed, first_half = weights("full"), weights("resumed"), weights("half")
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(first_half[n], full[n]) for n in full)  # the second half did train
+    assert read_summary(tmp_path / "resumed")["initial_avg_kl"] == read_summary(tmp_path / "half")["initial_avg_kl"]
+    assert read_summary(tmp_path / "resumed")["avg_kl"] == pytest.approx(read_summary(tmp_path / "full")["avg_kl"], rel=1e-5)
+
+
+class PoisonWeightsAt(L.Callback):
+    """A real divergence: the weights become NaN just before step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(math.nan)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
+    cfg = compose_train(*FAST, "data.levels=2", "trainer.max_steps=20", "callbacks.checkpoint.every_n_steps=4")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 6.*\n.*last good checkpoint: .*last.ckpt"):
+        train(cfg, run_dir=tmp_path, callbacks=[PoisonWeightsAt(6)])
+    good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert good["global_step"] == 4
+    assert all(torch.isfinite(w).all() for w in good["state_dict"].values())
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = run_script("train.py", "ckpt_path=nowhere/last.ckpt", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "error: ckpt_path=nowhere/last.ckpt: no such checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        with pytest.raises(ValueError, match="evaluate needs a checkpoint: ckpt_path="):
+            evaluate(compose("evaluate"), run_dir=tmp_path)
+
+
+def test_gaussian_levels_out_of_range_name_the_allowed_values(compose_train, tmp_path):
+    with pytest.raises(ValueError, match=r"data \(.*GaussianDataModule\): levels must be an int in 1..8"):
+        train(compose_train(*FAST, "data.levels=9"), run_dir=tmp_path)
