@@ -73,7 +73,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-max-len", type=int, default=1024, help="longest L for the per-token loops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} dim={args.dim}")

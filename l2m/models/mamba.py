@@ -41,7 +41,8 @@ def load_kernels():
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Depthwise causal convolution, x (B, D, L), weight (D, W) -> (B, D, L).
 
-    A sum of W shifted products: PyTorch's grouped Conv1d is ~100x slower than this on CPU.
+    A sum of W shifted products: PyTorch's grouped Conv1d on CPU is, for some layouts and thread
+    counts, hundreds of times slower (0.5 s instead of 1 ms for (1, 128, 1024) on 2 threads).
     """
     W, L = weight.shape[1], x.shape[-1]
     x = F.pad(x, (W - 1, 0))
