@@ -28,7 +28,7 @@ def main_run(tmp_path_factory):
     """`python train.py` as shipped (tiny GPT, L = 64, 64 copies, W&B offline) on a small budget."""
     run_dir = tmp_path_factory.mktemp("main") / "run"
     result = run_script(
-        "train.py", "trainer.max_steps=200", "data.val_size=64", "callbacks.checkpoint.every_n_steps=100",
+        "train.py", "trainer.max_steps=300", "data.val_size=64", "callbacks.checkpoint.every_n_steps=150",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -39,7 +39,7 @@ def test_main_job_learns_and_reports_the_l2m_numbers(main_run):
     run_dir, stdout = main_run
     s = read_summary(run_dir)
     assert s["avg_kl"] < 0.8 * s["initial_avg_kl"], s
-    assert (s["model"], s["seq_len"], s["step"], s["num_sequences"]) == ("tiny-gpt", 64, 200, 64)
+    assert (s["model"], s["seq_len"], s["step"], s["num_sequences"]) == ("tiny-gpt", 64, 300, 64)
     assert s["dim_z_half"] == s["dim_z_half_kv"] == 2 * 2 * 64 * 32  # K and V, 2 layers, d_model 64, 32 tokens
     assert s["i_bp_half"] == pytest.approx(64 * 2.730142214888428, rel=1e-9)  # spec reference x 64 copies
     assert s["ratio"] == pytest.approx(s["i_bp_half"] / s["dim_z_half"])
@@ -62,7 +62,7 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
         assert float(row["kl"]) >= 0
     assert (run_dir / "positionwise.png").stat().st_size > 10_000
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", "step200.ckpt"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", "step300.ckpt"}
 
 
 def test_main_job_logs_an_offline_wandb_run_with_the_l2m_summary(main_run):
