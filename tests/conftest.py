@@ -20,7 +20,9 @@ CONF = REPO / "conf"
 
 def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run train.py / evaluate.py as a real subprocess from the repository root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One intra-op thread: tiny models gain little from two, and two threads that share the cores
+    # with other work slow down many times over (OpenMP spin-waits).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / script), *overrides],
         cwd=REPO,
