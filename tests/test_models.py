@@ -241,8 +241,8 @@ def test_kernels_equal_torch_path_and_mamba_ssm():
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 300, 64, device="cuda")
     y = ours(x)
-    torch.testing.assert_close(kern(x), y, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ref(x), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kern(x), y, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ref(x), y, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not HAS_KERNELS, reason="needs mamba-ssm + causal-conv1d (pip install 'l2m[cuda]')")
