@@ -62,6 +62,7 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
         assert float(row["kl"]) >= 0
     assert (run_dir / "positionwise.png").stat().st_size > 10_000
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "levels: 3" in (run_dir / "config.yaml").read_text()  # the resolved config
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", "step300.ckpt"}
 
 

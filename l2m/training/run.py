@@ -19,6 +19,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from l2m.training.callbacks import HistoryStateCallback, PositionwiseCallback, evaluate_module, run_summary
@@ -54,6 +55,13 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 
         run_dir = HydraConfig.get().runtime.output_dir
     return Path(run_dir)
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The fully resolved config of this run (Hydra's .hydra/config.yaml keeps interpolations)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def checkpoint_path(path: str | None) -> str | None:
@@ -128,6 +136,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     """Train per `cfg`; return the run summary (also in <run_dir>/summary.json)."""
     run_dir = resolve_run_dir(run_dir)
     ckpt_path = checkpoint_path(cfg.ckpt_path)
+    save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg, data_config(cfg.data))
 
@@ -175,6 +184,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if cfg.ckpt_path is None:
         raise ValueError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt")
     ckpt_path = checkpoint_path(cfg.ckpt_path)
+    save_config(cfg, run_dir)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     module = L2MModule.load_from_checkpoint(ckpt_path, map_location=device)
     # The data config is the one trained on, updated by the non-null keys given here (val_size...).
