@@ -63,16 +63,14 @@ class Positionwise:
     floor: Tensor | None  # exact H_p(W_i | W_<i) where known
     num_sequences: int
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, float | int | None]:
         """Averages over all positions and over the first and last quarter of positions."""
-        out: dict[str, float | None] = {}
+        q = max(1, len(self.nll) // 4)
+        out: dict[str, float | int | None] = {"num_sequences": self.num_sequences}
         for name, curve in (("kl", self.kl), ("nll", self.nll), ("nll_floor", self.floor)):
-            q = len(self.nll) // 4 or 1
-            values = (None,) * 3 if curve is None else (curve.mean(), curve[:q].mean(), curve[-q:].mean())
-            for key, value in zip(("avg", "first_quarter", "last_quarter"), values):
-                label = f"avg_{name}" if key == "avg" else f"{name}_{key}"
-                out[label] = None if value is None else float(value)
-        out["num_sequences"] = self.num_sequences
+            out[f"avg_{name}"] = None if curve is None else float(curve.mean())
+            out[f"{name}_first_quarter"] = None if curve is None else float(curve[:q].mean())
+            out[f"{name}_last_quarter"] = None if curve is None else float(curve[-q:].mean())
         return out
 
 
