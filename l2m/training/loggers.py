@@ -49,16 +49,21 @@ def build_logger(cfg: Any, run_dir: Path, config: dict, group: str | None, name:
     mode = wandb_mode(cfg.get("mode"))
     if mode == "offline":
         os.environ.setdefault("WANDB_SILENT", "true")  # our one line replaces W&B's banner
-    return WandbLogger(
-        project=cfg.get("project"),
-        entity=cfg.get("entity"),
-        group=cfg.get("group") or group,
-        name=cfg.get("run_name") or name,
-        tags=list(cfg.get("tags") or []),
-        save_dir=str(run_dir),
-        mode=mode,
-        config=config,
-    )
+    settings = {
+        "project": cfg.get("project"),
+        "entity": cfg.get("entity"),
+        "group": cfg.get("group") or group,
+        "name": cfg.get("run_name") or name,
+        "tags": list(cfg.get("tags") or []),
+    }
+    # The run is started here, on rank 0 only (other ranks log nothing): WandbLogger's own
+    # wandb.init passes settings that current wandb versions warn about.
+    experiment = None
+    if rank_zero_only.rank == 0:
+        import wandb
+
+        experiment = wandb.init(**settings, dir=str(run_dir), mode=mode, config=config)
+    return WandbLogger(experiment=experiment, save_dir=str(run_dir), **settings)
 
 
 @rank_zero_only
