@@ -28,7 +28,8 @@ def test_single_ddp_run_with_two_processes(tmp_path):
 def test_ddp_inside_a_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_script(
-        "train.py", "-m", *DDP, "model=tiny-gpt,tiny-mamba", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+        "train.py", "-m", *DDP, "model=tiny-gpt,tiny-mamba",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-4000:]
