@@ -36,8 +36,11 @@ def test_ddp_inside_a_multirun_sweep(tmp_path):
     assert (result.stdout + result.stderr).count("Launching 2 jobs") == 1  # no child re-launched the sweep
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
     assert all((sweep / job / "train_ddp_process_1.log").is_file() for job in ("0", "1"))  # rank 1 in its job's dir
-    models = [json.loads((sweep / job / "summary.json").read_text())["model"] for job in ("0", "1")]
-    assert models == ["tiny-gpt", "tiny-mamba"]
+    gpt, mamba = (json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1"))
+    assert (gpt["model"], mamba["model"]) == ("tiny-gpt", "tiny-mamba")
+    # Mamba's history state is constant in L: per layer d_inner x (d_state + d_conv - 1), d_inner = 128
+    assert (mamba["dim_z_half_ssm"], mamba["dim_z_half_conv"]) == (2 * 128 * 16, 2 * 128 * 3)
+    assert mamba["dim_z_half"] == mamba["dim_z_half_ssm"] + mamba["dim_z_half_conv"]
     assert result.stdout.count("wandb sync") == 2  # one offline W&B run per job ...
     groups = {(next((sweep / job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()) for job in ("0", "1")}
     group = f"multirun {sweep.parts[-2]}/{sweep.parts[-1]}".encode()
