@@ -92,6 +92,14 @@ def test_evaluate_recomputes_the_same_metrics_from_the_checkpoint(main_run, tmp_
     assert evaluate(cfg, run_dir=tmp_path / "small")["num_sequences"] == 16
 
 
+def test_evaluate_rejects_data_options_the_checkpoint_data_does_not_take(main_run, tmp_path):
+    ckpt = main_run[0] / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "+data.tokenizer=byte"])
+    with pytest.raises(ValueError, match=r"data.tokenizer is not an option of the checkpoint's data .*GaussianDataModule.*it takes: .*levels"):
+        evaluate(cfg, run_dir=tmp_path)
+
+
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(compose_train, tmp_path):
     common = [*FAST, "data.levels=2", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_steps=100"]
     train(compose_train(*common, "trainer.max_steps=12"), run_dir=tmp_path / "full")

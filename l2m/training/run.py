@@ -188,8 +188,19 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     module = L2MModule.load_from_checkpoint(ckpt_path, map_location=device)
     # The data config is the one trained on, updated by the non-null keys given here (val_size...).
+    trained_on = module.hparams.data
     overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
-    datamodule = instantiate_data(data_config({**module.hparams.data, **overrides}))
+    unknown = sorted(set(overrides) - set(trained_on))
+    if unknown:
+        raise ValueError(
+            f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
+            f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
+        )
+    datamodule = instantiate_data(data_config({**trained_on, **overrides}))
+    if datamodule.io_config() != module.hparams.io:
+        raise ValueError(
+            f"the checkpoint's model reads {module.hparams.io}, but the data gives {datamodule.io_config()}"
+        )
     datamodule.prepare_data()
     datamodule.setup("validate")
 
