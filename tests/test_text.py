@@ -296,14 +296,16 @@ def test_train_stream_is_rank_distinct_and_resumable(tmp_path):
     # a stream resumed at batch 3 continues exactly like the uninterrupted one
     resumed = [b["input_ids"] for _, b in zip(range(3), dm.train_stream(rank=0, world_size=2, start=3))]
     assert all(torch.equal(a, b) for a, b in zip(resumed, r0[3:]))
-    # the consumed-batch counter travels through the DataModule state
-    for batch in zip(range(2), dm.train_dataloader()):
+    # the consumed-batch counter travels through the train DataLoader's (resumable) state
+    loader = dm.train_dataloader()
+    for batch in zip(range(2), loader):
         dm.on_after_batch_transfer(batch[1], 0)
-    state = dm.state_dict()
-    assert state == {"batches_served": 2}
+    state = loader.state_dict()
+    assert state == {"batches_served": 2} and dm.batches_served == 2
     dm2 = TextDataModule(str(CORPUS), seq_len=64, batch_size=4, val_size=16, cache_dir=str(tmp_path), progress=False)
-    dm2.load_state_dict(state)
-    first = next(iter(dm2.train_dataloader()))
+    loader2 = dm2.train_dataloader()
+    loader2.load_state_dict(state)  # as Lightning does on resume: after train_dataloader(), before iterating
+    first = next(iter(loader2))
     assert first["index"] == 2 and torch.equal(first["input_ids"], next(iter(dm.train_stream(start=2)))["input_ids"])
     assert dm2.on_after_batch_transfer(first, 0).keys() == {"input_ids"}
     # DataLoader workers split the batches but not the order
@@ -355,7 +357,8 @@ def test_tiny_gpt_trains_on_text_and_resumes_exactly(tmp_path):
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
     straight, resumed = load("straight"), load("resumed")
     assert resumed["global_step"] == straight["global_step"] == 10
-    assert resumed["TextDataModule"] == straight["TextDataModule"] == {"batches_served": 10}
+    loader_state = lambda ckpt: ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state(resumed) == loader_state(straight) == [{"batches_served": 10}]
     for name, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-5, atol=1e-6)
 

@@ -26,14 +26,13 @@ not measured here), much slower on consumer GPUs with cut-down FP64.
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from l2m.data.gaussian import GaussianFamily
+from l2m.data.stream import BatchStream, StreamDataModule, check_ints, rank_share
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
 
@@ -47,68 +46,16 @@ def noise_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(words[0]) | int(words[1]) << 32)
 
 
-def _train_noise(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> torch.Tensor:
-    return family.noise(batch_size, noise_generator(seed, _TRAIN, rank, index))
+# Module-level, so that functools.partial of them pickles into DataLoader workers.
+def _train_batch(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> dict:
+    return {"eps": family.noise(batch_size, noise_generator(seed, _TRAIN, rank, index))}
 
 
-def _val_noise(family: GaussianFamily, val_seed: int, indices: list[int]) -> torch.Tensor:
-    return torch.cat([family.noise(1, noise_generator(val_seed, _VAL, n)) for n in indices])
+def _val_batch(family: GaussianFamily, val_seed: int, indices: list[int]) -> dict:
+    return {"eps": torch.cat([family.noise(1, noise_generator(val_seed, _VAL, n)) for n in indices])}
 
 
-def _worker_share() -> tuple[int, int]:
-    worker = get_worker_info()
-    return (0, 1) if worker is None else (worker.id, worker.num_workers)
-
-
-class _TrainStream(IterableDataset):
-    """`length` consecutive train batches of one rank, starting at batch `start`."""
-
-    def __init__(self, family: GaussianFamily, batch_size: int, seed: int, rank: int, start: int, length: int):
-        self.family, self.batch_size, self.seed, self.rank = family, batch_size, seed, rank
-        self.start, self.length = start, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        offset, step = _worker_share()
-        # Workers take batches round-robin; the DataLoader returns them in index order.
-        for k in range(self.start + offset, self.start + self.length, step):
-            yield {"eps": _train_noise(self.family, self.batch_size, self.seed, self.rank, k), "index": k}
-
-
-class _StreamLoader(DataLoader):
-    """DataLoader over a `_TrainStream` with Lightning's resumable-loader interface.
-
-    Lightning saves `state_dict()` with the fit loop in every checkpoint and, on resume, calls
-    `load_state_dict()` after `train_dataloader()` and before iterating it, so the resumed run
-    continues with the first batch the interrupted one never consumed.
-    """
-
-    def state_dict(self) -> dict:
-        return {"batches_served": self.dataset.start}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.dataset.start = int(state_dict["batches_served"])
-
-
-class _ValSet(IterableDataset):
-    """The validation sequences `indices`, in batches of `batch_size`."""
-
-    def __init__(self, family: GaussianFamily, batch_size: int, val_seed: int, indices: list[int]):
-        self.family, self.batch_size, self.val_seed, self.indices = family, batch_size, val_seed, indices
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
-
-    def __iter__(self):
-        offset, step = _worker_share()
-        for b in range(offset, len(self), step):
-            chunk = self.indices[b * self.batch_size : (b + 1) * self.batch_size]
-            yield {"eps": _val_noise(self.family, self.val_seed, chunk)}
-
-
-class GaussianDataModule(L.LightningDataModule):
+class GaussianDataModule(StreamDataModule):
     """Batches {"x": (B, L+1, copies), "mean": (B, L, copies), "std": (1, L, copies)} (float32).
 
     x[:, 0] is the all-zero BOS token; the model reads x[:, :-1] and predicts z = x[:, 1:],
@@ -131,26 +78,14 @@ class GaussianDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("seed", seed, 0),
-            ("val_size", val_size, 1),
-            ("val_seed", val_seed, 0),
-            ("num_workers", num_workers, 0),
-            ("epoch_size", epoch_size, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_ints(
+            batch_size=(batch_size, 1), seed=(seed, 0), val_size=(val_size, 1),
+            val_seed=(val_seed, 0), num_workers=(num_workers, 0), epoch_size=(epoch_size, 1),
+        )
         self.save_hyperparameters()
         self.seq_len = self.family.seq_len
         self.batch_size, self.seed, self.val_size, self.val_seed = batch_size, seed, val_size, val_seed
         self.num_workers, self.epoch_size = num_workers, epoch_size
-        self._train_stream: _TrainStream | None = None
-
-    @property
-    def batches_served(self) -> int:
-        """Train batches consumed so far on this rank (where the stream continues)."""
-        return 0 if self._train_stream is None else self._train_stream.start
 
     # ---- what the training code asks about the data ----
 
@@ -169,42 +104,28 @@ class GaussianDataModule(L.LightningDataModule):
 
     def train_noise(self, index: int, rank: int = 0) -> torch.Tensor:
         """ε of train batch `index` on DDP rank `rank`: (batch_size, L, copies) float64."""
-        return _train_noise(self.family, self.batch_size, self.seed, rank, index)
+        return _train_batch(self.family, self.batch_size, self.seed, rank, index)["eps"]
 
     def val_noise(self, indices: list[int]) -> torch.Tensor:
         """ε of the validation sequences `indices` (each keyed by (val_seed, n)): (len, L, copies)."""
-        return _val_noise(self.family, self.val_seed, indices)
+        return _val_batch(self.family, self.val_seed, indices)["eps"]
 
     def val_indices(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """This rank's share of the validation set: disjoint across ranks, together all of it."""
-        if self.val_size < world_size:
-            raise ValueError(f"val_size ({self.val_size}) must be >= the number of DDP ranks ({world_size})")
-        return list(range(rank, self.val_size, world_size))
+        return list(rank_share(range(self.val_size), rank, world_size))
 
-    # ---- Lightning hooks ----
+    # ---- streams (the DataLoaders and batch bookkeeping are StreamDataModule's) ----
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> BatchStream:
+        """Rank `rank`'s train batches `start`, start+1, ... (`epoch_size` of them); keyed by rank alone."""
+        batch_fn = partial(_train_batch, self.family, self.batch_size, self.seed, rank)
+        return BatchStream(batch_fn, start, self.epoch_size)
+
+    def _val_batch_fn(self):
+        return partial(_val_batch, self.family, self.val_seed)
 
     def setup(self, stage: str) -> None:
         self.family.cholesky  # the O(L³) factorisation, once per process, before the first step
 
-    def train_dataloader(self) -> DataLoader:
-        rank = self._rank()[0]
-        self._train_stream = _TrainStream(
-            self.family, self.batch_size, self.seed, rank, self.batches_served, self.epoch_size
-        )
-        # batch_size=None: the dataset yields whole batches. Workers must not be persistent:
-        # every epoch's iteration re-reads `start` from this process.
-        return _StreamLoader(self._train_stream, batch_size=None, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        val_set = _ValSet(self.family, self.batch_size, self.val_seed, self.val_indices(*self._rank()))
-        return DataLoader(val_set, batch_size=None, num_workers=self.num_workers)
-
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if "index" in batch and self._train_stream is not None:  # a train batch, now consumed
-            # Where the stream continues: in the next epoch, and in a checkpoint taken now.
-            self._train_stream.start = int(batch["index"]) + 1
-        return self.family.from_noise(batch["eps"])
+        return self.family.from_noise(super().on_after_batch_transfer(batch, dataloader_idx)["eps"])

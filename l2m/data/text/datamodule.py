@@ -13,22 +13,21 @@ Train stream: an endless sequence of epochs over the training samples, each epoc
 permutation keyed by (seed, epoch). Step k of DDP rank r takes positions
 (k * world_size + r) * B ... + B - 1 of that sequence, so ranks read disjoint samples, every
 sample is read once per epoch, and the stream is a deterministic function of (seed, k). The
-number of consumed batches is checkpointed (`state_dict`), so a resumed run continues exactly
-where an uninterrupted run would be. A Lightning "epoch" is `epoch_size` batches.
+train DataLoader checkpoints the number of consumed batches (l2m.data.stream), so a resumed run
+continues exactly where an uninterrupted run would be. A Lightning "epoch" is `epoch_size` batches.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from l2m.data.stream import BatchStream, StreamDataModule, check_ints, rank_share
 from l2m.data.text.cache import SampleCache, open_cache, open_tokens
 from l2m.data.text.tokenizer import Tokenizer, check_vocab, get_tokenizer
 
@@ -69,61 +68,30 @@ def train_sample_ids(train: np.ndarray, seed: int, step: int, batch_size: int, r
     return out
 
 
-def _worker_share() -> tuple[int, int]:
-    worker = get_worker_info()
-    return (0, 1) if worker is None else (worker.id, worker.num_workers)
-
-
-class _Batches(IterableDataset):
-    """Batches {"input_ids": (B, L+1) int64} read from the cache at `path` (opened lazily, so
-    the dataset pickles cheaply into DataLoader workers)."""
+class _Reader:
+    """{"input_ids": (len(ids), L+1) int64}: BOS, then the first L tokens of samples `ids` of the
+    cache at `path` (memory-mapped on first use and not pickled, so it travels cheaply into
+    DataLoader workers)."""
 
     def __init__(self, path: Path, seq_len: int, bos_id: int):
-        self.path, self.seq_len, self.bos_id = path, seq_len, bos_id
+        self.path, self.seq_len, self.bos_id, self._tokens = path, seq_len, bos_id, None
 
-    def _read(self, tokens: np.memmap, ids: np.ndarray) -> torch.Tensor:
-        rows = torch.from_numpy(tokens[ids, : self.seq_len].astype(np.int64))
-        return torch.cat([torch.full((len(ids), 1), self.bos_id, dtype=torch.int64), rows], dim=1)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
 
-
-class _TrainStream(_Batches):
-    """`length` consecutive train batches of one rank, starting at batch `start`."""
-
-    def __init__(self, path, seq_len, bos_id, train, seed, batch_size, rank, world_size, start, length):
-        super().__init__(path, seq_len, bos_id)
-        self.train, self.seed, self.batch_size = train, seed, batch_size
-        self.rank, self.world_size, self.start, self.length = rank, world_size, start, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        tokens = open_tokens(self.path)
-        offset, step = _worker_share()
-        # Workers take batches round-robin; the DataLoader returns them in index order.
-        for k in range(self.start + offset, self.start + self.length, step):
-            ids = train_sample_ids(self.train, self.seed, k, self.batch_size, self.rank, self.world_size)
-            yield {"input_ids": self._read(tokens, ids), "index": k}
+    def __call__(self, ids: np.ndarray) -> dict:
+        if self._tokens is None:
+            self._tokens = open_tokens(self.path)
+        rows = torch.from_numpy(self._tokens[ids, : self.seq_len].astype(np.int64))
+        return {"input_ids": torch.cat([torch.full((len(ids), 1), self.bos_id, dtype=torch.int64), rows], dim=1)}
 
 
-class _HeldOut(_Batches):
-    """The held-out samples `val`, in order, in batches of `batch_size`."""
-
-    def __init__(self, path, seq_len, bos_id, val, batch_size):
-        super().__init__(path, seq_len, bos_id)
-        self.val, self.batch_size = val, batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.val) / self.batch_size)
-
-    def __iter__(self):
-        tokens = open_tokens(self.path)
-        offset, step = _worker_share()
-        for b in range(offset, len(self), step):
-            yield {"input_ids": self._read(tokens, self.val[b * self.batch_size : (b + 1) * self.batch_size])}
+def _train_batch(read: _Reader, train: np.ndarray, seed: int, batch_size: int, rank: int, world_size: int,
+                 step: int) -> dict:
+    return read(train_sample_ids(train, seed, step, batch_size, rank, world_size))
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(StreamDataModule):
     """Text from a hub dataset or local files, tokenized once into sentence-aligned samples.
 
     source: local path (folder of .txt, .txt, .jsonl, .parquet) or hub dataset id
@@ -163,16 +131,10 @@ class TextDataModule(L.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
-        for name, value, low in (
-            ("seq_len", seq_len, 1),
-            ("batch_size", batch_size, 1),
-            ("val_size", val_size, 1),
-            ("seed", seed, 0),
-            ("num_workers", num_workers, 0),
-            ("epoch_size", epoch_size, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_ints(
+            seq_len=(seq_len, 1), batch_size=(batch_size, 1), val_size=(val_size, 1),
+            seed=(seed, 0), num_workers=(num_workers, 0), epoch_size=(epoch_size, 1),
+        )
         if not sample_ratio >= 1.0:
             raise ValueError(f"sample_ratio must be >= 1 (samples hold at least seq_len tokens), got {sample_ratio}")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
@@ -188,7 +150,6 @@ class TextDataModule(L.LightningDataModule):
         )
         self.cache: SampleCache | None = None
         self._tokenized = False  # whether this DataModule built the cache (prepare_data or setup)
-        self.batches_served = 0  # train batches consumed so far (this rank); checkpointed
 
     # ---- what the training code asks about the data ----
 
@@ -232,46 +193,22 @@ class TextDataModule(L.LightningDataModule):
         self._tokenized |= not cache.hit
         return cache
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> _TrainStream:
-        """Rank `rank`'s train batches `start`, start+1, ... (`epoch_size` of them)."""
+    def _reader(self) -> _Reader:
         self.setup()
-        return _TrainStream(self.cache.path, self.seq_len, self.tokenizer.bos_id, self.train_ids, self.seed,
-                            self.batch_size, rank, world_size, start, self.epoch_size)
+        return _Reader(self.cache.path, self.seq_len, self.tokenizer.bos_id)
 
-    def train_dataloader(self) -> DataLoader:
-        self._train_stream = self.train_stream(*self._rank(), start=self.batches_served)
-        return self._loader(self._train_stream)
+    def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> BatchStream:
+        """Rank `rank`'s train batches `start`, start+1, ... (`epoch_size` of them)."""
+        read = self._reader()
+        batch_fn = partial(_train_batch, read, self.train_ids, self.seed, self.batch_size, rank, world_size)
+        return BatchStream(batch_fn, start, self.epoch_size)
 
     def val_indices(self, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """This rank's share of the held-out samples: disjoint across ranks, together all of them."""
         self.setup()
-        if len(self.val_ids) < world_size:
-            raise ValueError(f"val_size ({len(self.val_ids)}) must be >= the number of DDP ranks ({world_size})")
-        return self.val_ids[rank::world_size]
+        return rank_share(self.val_ids, rank, world_size)
 
-    def val_dataloader(self) -> DataLoader:
-        """This rank's share of the held-out set, in a fixed order."""
-        val = self.val_indices(*self._rank())
-        return self._loader(_HeldOut(self.cache.path, self.seq_len, self.tokenizer.bos_id, val, self.batch_size))
-
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        # batch_size=None: the datasets yield whole batches. Workers are not persistent so that
-        # every epoch re-reads the stream position from the main process.
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+    _val_batch_fn = _reader  # the held-out set: this rank's share, in a fixed order
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if "index" in batch:  # a train batch, now being consumed
-            self.batches_served = int(batch["index"]) + 1
-            if getattr(self, "_train_stream", None) is not None:
-                self._train_stream.start = self.batches_served  # where the next epoch begins
-        return {"input_ids": batch["input_ids"]}
-
-    def state_dict(self) -> dict:
-        return {"batches_served": self.batches_served}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.batches_served = int(state_dict["batches_served"])
+        return {"input_ids": super().on_after_batch_transfer(batch, dataloader_idx)["input_ids"]}
