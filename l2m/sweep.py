@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 COLUMNS = ["run_dir", "model", "params", "seq_len", "dim_z", "i_bp_half", "ratio",
            "avg_kl", "kl_first_quarter", "kl_last_quarter", "initial_avg_kl"]
@@ -110,6 +111,12 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm") -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.margins(0.1)
         ax.legend(fontsize=8)
+    # Short labels on the log axes: their ranges often span less than a decade, where matplotlib
+    # labels minor ticks too and its a×10^b form crowds them.
+    for axis in (ax_ratio.xaxis, ax_ratio.yaxis, ax_len.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     fig.suptitle(f"L²M sweep: {len(rows)} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
