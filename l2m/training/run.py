@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,12 @@ from l2m.training.launch import ddp_job
 from l2m.training.loggers import announce_offline, build_logger, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
 from l2m.training.report import print_summary, write_outputs
+
+# Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
+# PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
+# while every DataLoader worker takes its own batches (l2m.data.stream).
+warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no `validation_step`")
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 # The Gaussian family has L = 4**levels for levels 1..8.
 GAUSSIAN_LENGTHS = {4**levels: levels for levels in range(1, 9)}
