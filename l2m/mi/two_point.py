@@ -14,7 +14,7 @@ from scipy.optimize import least_squares
 
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy, naive_entropy
-from l2m.mi.fit import fit_power_law
+from l2m.mi.fit import fit_power_law, positive_points
 
 ESTIMATORS = {"grassberger": grassberger_entropy, "naive": naive_entropy}
 
@@ -67,14 +67,7 @@ def fit_decay_with_offset(d, mi) -> DecayFit:
     Standard errors come from the Jacobian at the optimum, (JᵀJ)⁻¹ s² with s² the residual
     variance (zero when there are exactly three points).
     """
-    d = np.asarray(d, dtype=np.float64).ravel()
-    y = np.asarray(mi, dtype=np.float64).ravel()
-    if d.shape != y.shape:
-        raise ValueError(f"d and mi must have the same length, got {d.size} and {y.size}")
-    if d.size < 3:
-        raise ValueError(f"the fit A d^(−α) + C needs at least 3 points, got {d.size}")
-    if np.any(d <= 0) or np.any(y <= 0) or not np.all(np.isfinite(y)):
-        raise ValueError("the fit A d^(−α) + C needs positive distances and positive, finite MI values")
+    d, y = positive_points(d, mi, min_points=3, fit="the fit A d^(−α) + C", names=("d", "mi"))
     log_y = np.log(y)
     start = fit_power_law(d, y)
     x0 = np.array([np.log(start.prefactor), max(-start.exponent, 1e-3), 0.1 * y.min()])
