@@ -13,8 +13,9 @@ from l2m.models.gpt import GPT, POSITIONAL
 from l2m.models.io import IO_KINDS, build_io
 from l2m.models.lm import NORMS, L2MModel, MixerStack
 from l2m.models.mamba import Mamba
+from l2m.models.mamba2 import Mamba2
 
-__all__ = ["build_model", "L2MModel", "GPT", "Mamba", "MixerStack", "ARCHS"]
+__all__ = ["build_model", "L2MModel", "GPT", "Mamba", "Mamba2", "MixerStack", "ARCHS"]
 
 ARCHS = ("gpt", "mamba", "mamba2")
 _COMMON = {"name": None, "arch": None, "n_layer": None, "d_model": None, "pad_vocab_size_multiple": 1, "tie_embeddings": True}
@@ -100,13 +101,6 @@ def _backbone(c: dict):
         mixer_cls = Mamba
     else:
         kw = {k: c[k] for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "backend")}
-        mixer_cls = _load_mamba2()
+        mixer_cls = Mamba2
     return MixerStack(lambda i: mixer_cls(c["d_model"], **kw, layer_idx=i), c["n_layer"], c["d_model"], c["norm"])
 
-
-def _load_mamba2():
-    try:
-        from l2m.models.mamba2 import Mamba2
-    except ImportError as err:  # written separately (l2m/models/mamba2.py)
-        raise ImportError(f"arch 'mamba2' is unavailable: l2m.models.mamba2 could not be imported ({err})") from err
-    return Mamba2
