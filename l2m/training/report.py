@@ -109,7 +109,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "params": "parameters",
         "seq_len": "L",
         "dim_z_half": "dim(z_{L/2})",
-        "i_bp_half": "I_BP(L/2;L) [nats]",
+        "i_bp_half": "I_BP(L/2;L) \\[nats]",  # escaped: rich reads a bare [nats] as markup and drops it
         "ratio": "I_BP / dim(z)",
     }
     table = Table(title="L²M run summary (nats; KL and NLL per token)")
