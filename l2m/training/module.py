@@ -92,11 +92,13 @@ class L2MModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         cfg = self.hparams.optim
-        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters.
+        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters, nor, as
+        # in mamba-ssm, on parameters tagged `_no_weight_decay` (Mamba's A_log is 2-d).
         params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg["weight_decay"]},
+            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
         total = cfg.get("total_steps") or self.trainer.max_steps
