@@ -46,10 +46,11 @@ def _plain(node: Any) -> Any:
 @contextmanager
 def report_errors() -> Iterator[None]:
     """Bad input and a diverged run end with their message and exit status 1, not a traceback
-    (HYDRA_FULL_ERROR=1 shows it)."""
+    (HYDRA_FULL_ERROR=1 shows it). ConnectionError: a hub dataset that cannot be reached
+    (l2m.data.text.sources.SourceUnavailableError, raised while preparing the data)."""
     try:
         yield
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError, NonFiniteLossError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {error}", file=sys.stderr)
