@@ -69,8 +69,8 @@ def plot_positionwise(metrics: Positionwise, path: str | Path, title: str = "", 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (label, curve, floor) in zip(axes[0], panels):
         ax.plot(positions, moving_average(curve, smooth), label=f"model (window {smooth})")
-        if floor is not None:
-            ax.plot(positions, floor, "k--", lw=1, label="exact floor $H_p(W_i|W_{<i})$")
+        if floor is not None:  # smoothed alike, so the smoothed NLL (= KL + floor) never dips below it
+            ax.plot(positions, moving_average(floor, smooth), "k--", lw=1, label="exact floor $H_p(W_i|W_{<i})$")
         ax.set_xscale("log")
         # NLL of a continuous token can be negative: a log y-axis only where the curve is positive.
         if bool((curve > 0).all()) and (floor is None or bool((floor > 0).all())):
