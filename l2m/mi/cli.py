@@ -221,6 +221,9 @@ def _print_summary(report: dict, out: Path) -> None:
             if "beta" in f:
                 se = "n/a" if f["beta_se"] is None else f"{f['beta_se']:.3f}"
                 print(f"{est:<20}{r:>5}{f['beta']:>9.3f}{se:>9}")
+            else:  # say so, rather than leave the estimator out of the table
+                print(f"{est:<20}{r:>5}   no fit: {f['points']} positive estimate(s), "
+                      f"{f['nonpositive_dropped']} ≤ 0 dropped")
     fit = report["two_point"]["fit"]
     if fit:
         print(f"two-point MI: α = {fit['alpha']:.3f} ± {fit['alpha_se']:.3f}, C = {fit['offset']:.3g}")
