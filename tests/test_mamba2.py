@@ -225,7 +225,7 @@ def test_kernels_refuse_cpu_input():
 
 @pytest.mark.skipif(kernels_available(), reason="mamba-ssm is installed here")
 def test_kernels_backend_without_mamba_ssm_says_what_to_install():
-    with pytest.raises(ImportError, match="pip install mamba-ssm"):
+    with pytest.raises(ImportError, match=r"pip install 'l2m\[cuda\]'.*backend='torch'"):
         Mamba2(32, backend="kernels")
 
 

@@ -247,7 +247,7 @@ def test_kernels_equal_torch_path_and_mamba_ssm():
 
 @pytest.mark.skipif(not HAS_KERNELS, reason="needs mamba-ssm + causal-conv1d (pip install 'l2m[cuda]')")
 def test_kernels_backend_rejects_cpu_tensors():
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(ValueError, match="CUDA"):
         Mamba(32, backend="kernels")(torch.randn(1, 4, 32))
 
 

@@ -130,7 +130,7 @@ class Mamba(nn.Module):
 
     def _use_kernels(self, hidden: Tensor) -> bool:
         if self.backend == "kernels" and not hidden.is_cuda:
-            raise RuntimeError(
+            raise ValueError(
                 f"backend='kernels' runs on CUDA tensors only, got {hidden.device}: move the model to a GPU "
                 "or set backend='torch'"
             )

@@ -19,13 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.models.mamba import KERNELS_HINT
 from l2m.models.ssd import ssd_chunked, ssd_step
 
 BACKENDS = ("auto", "torch", "kernels")
-_INSTALL_HINT = (
-    "install the CUDA extras (`pip install mamba-ssm causal-conv1d`, needs CUDA torch and nvcc) "
-    "or use backend='torch'"
-)
 
 
 @lru_cache(maxsize=None)
@@ -96,7 +93,7 @@ class Mamba2(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"Mamba2: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "kernels" and not kernels_available():
-            raise ImportError(f"Mamba2: backend='kernels' needs mamba-ssm, which is not importable: {_INSTALL_HINT}")
+            raise ImportError(f"Mamba2: backend='kernels' needs mamba-ssm, which is not importable: {KERNELS_HINT}")
         d_inner = expand * d_model
         if d_inner % headdim != 0:
             raise ValueError(

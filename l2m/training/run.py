@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from l2m.data.gaussian import MAX_LEVELS
 from l2m.training.callbacks import HistoryStateCallback, PositionwiseCallback, evaluate_module, run_summary
 from l2m.training.launch import ddp_job
 from l2m.training.loggers import announce_offline, build_logger, finish
@@ -35,8 +36,7 @@ from l2m.training.report import print_summary, write_outputs
 warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no `validation_step`")
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
-# The Gaussian family has L = 4**levels for levels 1..8.
-GAUSSIAN_LENGTHS = {4**levels: levels for levels in range(1, 9)}
+GAUSSIAN_LENGTHS = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
 
 
 def _plain(node: Any) -> Any:
@@ -47,10 +47,11 @@ def _plain(node: Any) -> Any:
 def report_errors() -> Iterator[None]:
     """Bad input and a diverged run end with their message and exit status 1, not a traceback
     (HYDRA_FULL_ERROR=1 shows it). ConnectionError: a hub dataset that cannot be reached
-    (l2m.data.text.sources.SourceUnavailableError, raised while preparing the data)."""
+    (l2m.data.text.sources.SourceUnavailableError, raised while preparing the data); ImportError:
+    an optional package a chosen option needs (e.g. backend=kernels without mamba-ssm)."""
     try:
         yield
-    except (ValueError, FileNotFoundError, ConnectionError, NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError, NonFiniteLossError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -94,7 +95,7 @@ def data_config(data: Any) -> dict:
             if seq_len not in GAUSSIAN_LENGTHS:
                 raise ValueError(
                     f"data.seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
-                    f"L = 4**levels: {', '.join(map(str, GAUSSIAN_LENGTHS))} (data.levels=1..8)"
+                    f"L = 4**levels: {', '.join(map(str, GAUSSIAN_LENGTHS))} (data.levels=1..{MAX_LEVELS})"
                 )
             data["levels"] = GAUSSIAN_LENGTHS[seq_len]
     return data
