@@ -195,7 +195,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     ckpt_path = checkpoint_path(cfg.ckpt_path)
     save_config(cfg, run_dir)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = L2MModule.load_from_checkpoint(ckpt_path, map_location=device)
+    # One read of the file serves the weights, the step and the callbacks' state.
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module = L2MModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    module.to(device)
     # The data config is the one trained on, updated by the non-null keys given here (val_size...).
     trained_on = module.hparams.data
     overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
@@ -214,7 +218,6 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     datamodule.setup("validate")
 
     metrics = evaluate_module(module, datamodule)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     initial = checkpoint.get("callbacks", {}).get(PositionwiseCallback.__qualname__, {}).get("initial") or {}
     summary = {**run_summary(module, datamodule, metrics, checkpoint["global_step"]), **initial, "ckpt_path": ckpt_path}
     paths = write_outputs(run_dir, metrics, summary, title=summary["model"], smooth=cfg.smooth)
