@@ -1,0 +1,34 @@
+"""Checkpoints written by earlier l2m versions keep loading and evaluating to the same numbers.
+
+tests/data/checkpoints/<name>.ckpt were trained with commit b780bac (5 steps, tiny sizes; see the
+README there) and <name>.json is what `evaluate.py` of that commit wrote for them.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, REPO
+from l2m.training.run import evaluate
+
+FIXTURES = REPO / "tests" / "data" / "checkpoints"
+
+
+@pytest.mark.parametrize("name", ["gpt", "mamba", "mamba2", "mamba-text"])
+def test_a_checkpoint_of_an_earlier_version_evaluates_to_its_recorded_numbers(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the text fixture's corpus path is relative to the repository
+    monkeypatch.setenv("L2M_CACHE_DIR", str(tmp_path / "cache"))
+    expected = json.loads((FIXTURES / f"{name}.json").read_text())
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={FIXTURES / name}.ckpt"])
+    summary = evaluate(cfg, run_dir=tmp_path / "eval")
+    assert json.loads(Path(tmp_path / "eval" / "summary.json").read_text())["step"] == 5
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+            assert math.isfinite(summary[key])
+        elif isinstance(value, int) or value is None:
+            assert summary[key] == value, key
