@@ -7,7 +7,7 @@ Configs: conf/evaluate.yaml.
 import hydra
 from omegaconf import DictConfig
 
-from l2m.training.run import evaluate, report_errors
+from l2m.jobs import evaluate, report_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -7,7 +7,7 @@ minutes, ending with the L²M summary table. Configs: conf/train.yaml.
 import hydra
 from omegaconf import DictConfig
 
-from l2m.training.run import report_errors, train
+from l2m.jobs import report_errors, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

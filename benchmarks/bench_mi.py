@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from l2m.mi import ExactScorer, ModelScorer, PairCounter, bipartite_mi, two_point_mi
-from l2m.mi.sources import example_source
+from l2m.mi.synthetic import example_source
 from l2m.models import build_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"

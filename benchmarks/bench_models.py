@@ -19,7 +19,9 @@ import torch
 import yaml
 
 from l2m.models import build_model
-from l2m.models.mamba import load_kernels
+from l2m.models.kernels import kernels_available
+from l2m.models.mamba import KERNELS as MAMBA_KERNELS
+from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -28,7 +30,7 @@ def backends(arch: str, device: str, loop_max_len: int, L: int) -> list[str]:
     if arch == "gpt":
         return ["-"]
     names = ["torch"]
-    if device == "cuda" and (arch != "mamba" or load_kernels() is not None):
+    if device == "cuda" and kernels_available(*(MAMBA_KERNELS if arch == "mamba" else MAMBA2_KERNELS)):
         names.append("kernels")
     if arch == "mamba" and L <= loop_max_len:
         names += ["reference", "step-loop"]

@@ -43,3 +43,21 @@ def compose_train():
             return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return compose_cfg
+
+
+def run_if(*, cuda: bool = False, kernels: tuple[str, ...] = (), missing_kernels: tuple[str, ...] = ()):
+    """Skip unless the machine has what the test needs, saying what is missing (Lightning's RunIf):
+    cuda: a CUDA device; kernels: these l2m.models.kernels are importable; missing_kernels: they
+    are not (tests of the error shown where they are missing)."""
+    import torch
+
+    from l2m.models.kernels import kernels_available
+
+    reasons = []
+    if cuda and not torch.cuda.is_available():
+        reasons.append("needs a CUDA device")
+    if kernels and not kernels_available(*kernels):
+        reasons.append(f"needs {', '.join(kernels)} (pip install 'l2m[cuda]')")
+    if missing_kernels and kernels_available(*missing_kernels):
+        reasons.append(f"checks the error shown where {', '.join(missing_kernels)} is missing, but it is installed")
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, REPO
-from l2m.training.run import evaluate
+from l2m.jobs.run import evaluate
 
 FIXTURES = REPO / "tests" / "data" / "checkpoints"
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from l2m.data.gaussian import GaussianFamily, main
+from conftest import run_if
+from l2m.data.gaussian import GaussianFamily
+from l2m.data.gaussian.__main__ import main
 from l2m.mi import fit_power_law
 
 # Spec §2 "Reference values" (one copy, nats): kind, levels, I_BP(L/2; L), I_TP(1, L), σ_L.
@@ -237,7 +239,7 @@ def test_mi_table_command(capsys):
     assert "0.9013125395" in out and "0.3179587879" in out and "β =" in out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@run_if(cuda=True)
 def test_batches_on_gpu_equal_cpu():
     fam = GaussianFamily(4, copies=8)
     eps = fam.noise(3, generator=torch.Generator().manual_seed(0))

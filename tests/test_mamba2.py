@@ -7,13 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2m.models.mamba2 import Mamba2, kernels_available
+from conftest import run_if
+from l2m.models.mamba2 import KERNELS, Mamba2, Mamba2Config
 from l2m.models.ssd import ssd_chunked, ssd_sequential
-
-needs_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels_available()),
-    reason="kernel parity needs a CUDA device and mamba-ssm (pip install l2m[cuda])",
-)
 
 
 def scan_inputs(batch=2, T=37, nheads=4, headdim=3, ngroups=2, d_state=5, dtype=torch.float64, seed=0):
@@ -103,7 +99,7 @@ def test_zero_state_and_split_sequence():
 def small_mixer(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(d_model=32, d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=8, backend="torch")
-    return Mamba2(**{**cfg, **kw}).double()
+    return Mamba2(Mamba2Config(n_layer=1, **{**cfg, **kw})).double()
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 21])
@@ -121,7 +117,7 @@ def test_step_mode_equals_forward(T):
 
 @pytest.mark.parametrize("n_past", [0, 1, 5, 40])
 def test_state_numel_equals_breakdown(n_past):
-    m = Mamba2(64, d_state=16, headdim=16, ngroups=2, d_conv=4)
+    m = Mamba2(Mamba2Config(n_layer=1, d_model=64, d_state=16, headdim=16, ngroups=2, d_conv=4))
     state = m.init_state(1)
     with torch.no_grad():
         for _ in range(n_past):
@@ -136,7 +132,7 @@ def test_state_numel_equals_breakdown(n_past):
 def test_parameters_match_mamba_ssm_mamba2_130m():
     """Names and shapes of mamba_ssm.modules.mamba2.Mamba2(768) (a mamba2-130m layer)."""
     with torch.device("meta"):
-        m = Mamba2(768)
+        m = Mamba2(Mamba2Config(n_layer=1, d_model=768))
     d_inner, nheads, conv_dim = 1536, 24, 1536 + 2 * 128
     expected = {
         "in_proj.weight": (2 * d_inner + 2 * 128 + nheads, 768),  # [z, x, B, C, dt]
@@ -157,7 +153,7 @@ def test_parameters_match_mamba_ssm_mamba2_130m():
 
 
 def test_initialisation_follows_mamba_ssm():
-    m = Mamba2(256, d_state=16, headdim=8)  # 64 heads
+    m = Mamba2(Mamba2Config(n_layer=1, d_model=256, d_state=16, headdim=8))  # 64 heads
     dt = F.softplus(m.dt_bias.detach())
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
     A = m.A_log.detach().exp()
@@ -192,8 +188,8 @@ def test_autocast_bf16_runs_scan_in_float32():
 
 def test_auto_backend_on_cpu_is_torch():
     torch.manual_seed(0)
-    auto = Mamba2(32, d_state=8, headdim=8, backend="auto")
-    torch_path = Mamba2(32, d_state=8, headdim=8, backend="torch")
+    auto = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="auto"))
+    torch_path = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="torch"))
     torch_path.load_state_dict(auto.state_dict())
     u = torch.randn(1, 9, 32)
     assert torch.equal(auto(u), torch_path(u))
@@ -201,11 +197,11 @@ def test_auto_backend_on_cpu_is_torch():
 
 # --- CUDA kernels --------------------------------------------------------------------------
 
-@needs_kernels
+@run_if(cuda=True, kernels=KERNELS)
 def test_kernels_equal_torch_path():
     torch.manual_seed(0)
-    ours = Mamba2(256, d_state=64, headdim=32, ngroups=2, chunk_size=64, backend="torch").cuda()
-    kern = Mamba2(256, d_state=64, headdim=32, ngroups=2, chunk_size=64, backend="kernels").cuda()
+    ours = Mamba2(Mamba2Config(n_layer=1, d_model=256, d_state=64, headdim=32, ngroups=2, chunk_size=64, backend="torch")).cuda()
+    kern = Mamba2(Mamba2Config(n_layer=1, d_model=256, d_state=64, headdim=32, ngroups=2, chunk_size=64, backend="kernels")).cuda()
     kern.load_state_dict(ours.state_dict())
     u = torch.randn(2, 300, 256, device="cuda", requires_grad=True)  # 300: not a multiple of 64
     y, y_k = ours(u), kern(u)
@@ -216,17 +212,17 @@ def test_kernels_equal_torch_path():
     torch.testing.assert_close(grad_k, grad, rtol=5e-3, atol=5e-3)
 
 
-@needs_kernels
+@run_if(cuda=True, kernels=KERNELS)
 def test_kernels_refuse_cpu_input():
-    m = Mamba2(32, d_state=8, headdim=8, backend="kernels")
+    m = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="kernels"))
     with pytest.raises(ValueError, match="backend='torch'"):
         m(torch.randn(1, 4, 32))
 
 
-@pytest.mark.skipif(kernels_available(), reason="mamba-ssm is installed here")
+@run_if(missing_kernels=KERNELS)
 def test_kernels_backend_without_mamba_ssm_says_what_to_install():
     with pytest.raises(ImportError, match=r"pip install 'l2m\[cuda\]'.*backend='torch'"):
-        Mamba2(32, backend="kernels")
+        Mamba2(Mamba2Config(n_layer=1, d_model=32, backend="kernels"))
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -234,16 +230,16 @@ def test_kernels_backend_without_mamba_ssm_says_what_to_install():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(d_model=48, headdim=64), "headdim=64 must divide d_inner"),
-        (dict(d_model=96, headdim=64, ngroups=2), "ngroups=2 must divide nheads = d_inner/headdim = 3"),
-        (dict(d_model=64, backend="cuda"), "backend must be one of"),
-        (dict(d_model=64, chunk_size=0), "chunk_size must be a positive integer"),
-        (dict(d_model=64, d_state=2.5), "d_state must be a positive integer"),
+        (dict(d_model=48, headdim=64), "headdim=64 does not divide d_inner"),
+        (dict(d_model=96, headdim=64, ngroups=2), "ngroups=2 must divide the number of heads d_inner / headdim = 3"),
+        (dict(d_model=64, backend="cuda"), "backend for mamba2 must be one of"),
+        (dict(d_model=64, chunk_size=0), "chunk_size must be an int >= 1"),
+        (dict(d_model=64, d_state=2.5), "d_state must be an int >= 1"),
     ],
 )
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Mamba2(**kwargs)
+        Mamba2(Mamba2Config(n_layer=1, **kwargs))
 
 
 def test_bad_input_shapes():

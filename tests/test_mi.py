@@ -22,7 +22,7 @@ from l2m.mi import (
     two_point_mi,
 )
 from l2m.mi.entropy import grassberger_g
-from l2m.mi.sources import example_source
+from l2m.mi.synthetic import example_source
 
 CHAIN = example_source("markov")
 # Each sequence is either "sticky" or "switchy": the latent links X and Y, so I_BP grows with L.

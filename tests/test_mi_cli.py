@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
                         cache_dir=str(tmp / "cache"), progress=False)
     module = L2MModule(
         model={"name": "tiny-gpt", "arch": "gpt", "n_layer": 1, "d_model": 32, "n_head": 2},
-        io=dm.io_config(), seq_len=dm.seq_len, task=dm.task,
+        io=dm.io_config(), seq_len=dm.seq_len,
         optim={"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "warmup_steps": 1,
                "total_steps": 2, "min_lr_ratio": 0.1},
         data={"source": CORPUS, "tokenizer": "byte"},
@@ -88,7 +88,7 @@ def test_bad_input(checkpoint, tmp_path):
         main(["--scorer", "exact:markov", "--corpus", CORPUS])
     with pytest.raises(ValueError, match="unknown exact source 'hmm'"):
         main(["--scorer", "exact:hmm", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt: no such checkpoint"):
         main(["--scorer", str(tmp_path / "missing.ckpt"), "--corpus", CORPUS, "--out", str(tmp_path)])
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "the": 3}

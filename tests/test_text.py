@@ -323,7 +323,7 @@ def _train(tmp_path: Path, run: str, *overrides: str) -> dict:
     """Run train.py's code path on the text-tiny preset, shrunk to seconds."""
     from hydra import compose, initialize_config_dir
 
-    from l2m.training.run import train
+    from l2m.jobs.run import train
 
     conf = Path(__file__).parents[1] / "conf"
     small = [
@@ -347,13 +347,13 @@ def _check_positionwise(run_dir: Path, summary: dict) -> None:
 
 
 def test_tiny_gpt_trains_on_text_and_resumes_exactly(tmp_path):
-    common = ["model=tiny-gpt", "trainer.max_steps=10", "optim.total_steps=10", "callbacks.checkpoint.every_n_steps=5"]
+    common = ["model=tiny-gpt", "trainer.max_steps=10", "optim.total_steps=10", "callbacks.checkpoint.every_n_train_steps=5"]
     summary = _train(tmp_path, "straight", *common)
     _check_positionwise(tmp_path / "straight", summary)
     # 5 steps, then 5 more from the checkpoint: the same data stream, the same weights
-    _train(tmp_path, "first_half", *common, "trainer.max_steps=5", "callbacks.l2m=false")
+    _train(tmp_path, "first_half", *common, "trainer.max_steps=5", "~callbacks.history_state", "~callbacks.positionwise")
     ckpt = tmp_path / "first_half" / "checkpoints" / "last.ckpt"
-    _train(tmp_path, "resumed", *common, f"ckpt_path={ckpt}", "callbacks.l2m=false")
+    _train(tmp_path, "resumed", *common, f"ckpt_path={ckpt}", "~callbacks.history_state", "~callbacks.positionwise")
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
     straight, resumed = load("straight"), load("resumed")
     assert resumed["global_step"] == straight["global_step"] == 10

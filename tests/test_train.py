@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, run_script
 from l2m.data.gaussian import GaussianFamily
 from l2m.training import NonFiniteLossError
-from l2m.training.run import evaluate, train
+from l2m.jobs.run import evaluate, train
 
 FAST = ["logger=none", "data.val_size=8", "data.batch_size=4", "+trainer.enable_progress_bar=false"]
 
@@ -28,7 +28,7 @@ def main_run(tmp_path_factory):
     """`python train.py` as shipped (tiny GPT, L = 64, 64 copies, W&B offline) on a small budget."""
     run_dir = tmp_path_factory.mktemp("main") / "run"
     result = run_script(
-        "train.py", "trainer.max_steps=300", "data.val_size=64", "callbacks.checkpoint.every_n_steps=150",
+        "train.py", "trainer.max_steps=300", "data.val_size=64", "callbacks.checkpoint.every_n_train_steps=150",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -101,7 +101,7 @@ def test_evaluate_rejects_data_options_the_checkpoint_data_does_not_take(main_ru
 
 
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(compose_train, tmp_path):
-    common = [*FAST, "data.levels=2", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_steps=100"]
+    common = [*FAST, "data.levels=2", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_train_steps=100"]
     train(compose_train(*common, "trainer.max_steps=12"), run_dir=tmp_path / "full")
     # the first half stops at 6 steps of the same 12-step LR schedule
     train(compose_train(*common, "trainer.max_steps=6", "optim.total_steps=12"), run_dir=tmp_path / "half")
@@ -134,7 +134,7 @@ class PoisonWeightsAt(L.Callback):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
-    cfg = compose_train(*FAST, "data.levels=2", "trainer.max_steps=20", "callbacks.checkpoint.every_n_steps=4")
+    cfg = compose_train(*FAST, "data.levels=2", "trainer.max_steps=20", "callbacks.checkpoint.every_n_train_steps=4")
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 6.*\n.*last good checkpoint: .*last.ckpt"):
         train(cfg, run_dir=tmp_path, callbacks=[PoisonWeightsAt(6)])
     good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

@@ -31,8 +31,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from l2m.data.gaussian import GaussianFamily
-from l2m.data.stream import BatchStream, StreamDataModule, check_ints, rank_share
+from l2m.checks import check_ints
+from l2m.data.gaussian import MAX_LEVELS, GaussianFamily
+from l2m.data.stream import BatchStream, StreamDataModule, rank_share
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
 
@@ -46,6 +47,17 @@ def noise_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(words[0]) | int(words[1]) << 32)
 
 
+def levels_of_length(seq_len: object) -> int:
+    """The `levels` of the family member of length seq_len (L = 4**levels), or a ValueError listing them."""
+    lengths = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
+    if seq_len not in lengths:
+        raise ValueError(
+            f"seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
+            f"L = 4**levels: {', '.join(map(str, lengths))} (levels=1..{MAX_LEVELS})"
+        )
+    return lengths[seq_len]
+
+
 # Module-level, so that functools.partial of them pickles into DataLoader workers.
 def _train_batch(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> dict:
     return {"eps": family.noise(batch_size, noise_generator(seed, _TRAIN, rank, index))}
@@ -56,7 +68,9 @@ def _val_batch(family: GaussianFamily, val_seed: int, indices: list[int]) -> dic
 
 
 class GaussianDataModule(StreamDataModule):
-    """Batches {"x": (B, L+1, copies), "mean": (B, L, copies), "std": (1, L, copies)} (float32).
+    """The Gaussian family of `levels` (or of length `seq_len`, a power of 4, which then sets levels).
+
+    Batches {"x": (B, L+1, copies), "mean": (B, L, copies), "std": (1, L, copies)} (float32).
 
     x[:, 0] is the all-zero BOS token; the model reads x[:, :-1] and predicts z = x[:, 1:],
     whose exact conditional p(z_i | z_<i) is N(mean_i, std_i²).
@@ -66,7 +80,7 @@ class GaussianDataModule(StreamDataModule):
 
     def __init__(
         self,
-        levels: int,
+        levels: int | None = None,
         kind: str = "subvolume",
         copies: int = 64,
         batch_size: int = 4,
@@ -75,9 +89,13 @@ class GaussianDataModule(StreamDataModule):
         val_seed: int = 12345,
         num_workers: int = 0,
         epoch_size: int = 1000,
+        seq_len: int | None = None,
     ):
         super().__init__()
+        if seq_len is not None:
+            levels = levels_of_length(seq_len)
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies
+        seq_len = self.family.seq_len  # recorded by save_hyperparameters beside levels
         check_ints(
             batch_size=(batch_size, 1), seed=(seed, 0), val_size=(val_size, 1),
             val_seed=(val_seed, 0), num_workers=(num_workers, 0), epoch_size=(epoch_size, 1),

@@ -21,13 +21,6 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
-def check_ints(**bounds: tuple[object, int]) -> None:
-    """Raise ValueError unless every name=(value, low) has an int value >= low (bools rejected)."""
-    for name, (value, low) in bounds.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def worker_share() -> tuple[int, int]:
     """(offset, step): this DataLoader worker takes items offset, offset + step, ...; (0, 1) in-process."""
     worker = get_worker_info()

@@ -25,7 +25,7 @@ from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy
 from l2m.mi.plots import plot_bipartite, plot_two_point
 from l2m.mi.scorers import ExactScorer, check_tokenizer, load_checkpoint_scorer, load_hf_scorer
-from l2m.mi.sources import example_source
+from l2m.mi.synthetic import example_source
 from l2m.mi.two_point import fit_decay_with_offset, two_point_mi
 
 

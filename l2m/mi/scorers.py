@@ -8,7 +8,6 @@ a Hugging Face causal LM), and the exact synthetic sources (`ExactScorer`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -59,7 +58,7 @@ class Scorer:
 
 
 class ExactScorer(Scorer):
-    """The true conditionals of a synthetic source (`l2m.mi.sources`); the sequence start plays BOS."""
+    """The true conditionals of a synthetic source (`l2m.mi.synthetic`); the sequence start plays BOS."""
 
     def __init__(self, source, batch_size: int = 4096):
         super().__init__(batch_size)
@@ -105,30 +104,27 @@ class ModelScorer(Scorer):
 
 
 def load_checkpoint_scorer(path: str, tokenizer=None, device: str = "cpu", batch_size: int = 8) -> ModelScorer:
-    """Scorer from an l2m training checkpoint (`L2MModule.load_from_checkpoint`) of a text model.
+    """Scorer from an l2m training checkpoint (`l2m.models.load_checkpoint`) of a text model.
 
     tokenizer: a Tokenizer or name (`l2m.data.text.get_tokenizer`) giving BOS; default: the one
     recorded in the checkpoint's data config. The chosen tokenizer is kept as `scorer.tokenizer`.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     from l2m.data.text import get_tokenizer  # Lightning only here, never at l2m.mi import time
-    from l2m.training import L2MModule
+    from l2m.models import load_checkpoint
 
-    module = L2MModule.load_from_checkpoint(path, map_location="cpu")
-    io = dict(module.hparams["io"])
+    checkpoint = load_checkpoint(path)
+    io = dict(checkpoint.hparams["io"])
     if io.get("kind") != "discrete":
         raise ValueError(f"MI of text needs a discrete-token model; the checkpoint's io is {io}")
     if tokenizer is None:
-        tokenizer = (module.hparams.get("data") or {}).get("tokenizer")
+        tokenizer = (checkpoint.hparams.get("data") or {}).get("tokenizer")
         if tokenizer is None:
             raise ValueError(f"{path} records no tokenizer: pass the one the model was trained with (e.g. byte)")
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
-    model = module.model.to(device).eval()
-    arch = dict(module.hparams["model"]).get("arch")
-    max_len = int(module.hparams["seq_len"]) if arch == "gpt" else None  # learned positions stop there
-    scorer = ModelScorer(model, int(io["vocab_size"]), tokenizer.bos_id, max_len, device, batch_size, name=path)
+    model = checkpoint.model.to(device)
+    scorer = ModelScorer(model, int(io["vocab_size"]), tokenizer.bos_id, model.max_positions, device, batch_size,
+                         name=path)
     check_tokenizer(tokenizer, scorer)
     scorer.tokenizer = tokenizer
     return scorer

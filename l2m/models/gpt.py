@@ -8,14 +8,45 @@ rotary. Step mode carries a KV cache: per layer (k, v), each (B, n_head, t, head
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.models.config import ModelConfig
+
 POSITIONAL = ("learned", "rotary")
 KVCache = tuple[Tensor, Tensor]
+
+
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
+    positive_ints: ClassVar[tuple[str, ...]] = ("n_head", "max_seq_len")
+
+    arch: str = "gpt"
+    n_head: int
+    max_seq_len: int = 1024  # learned positions; build_model sizes it to the run's context length
+    positional: str = "learned"  # learned | rotary
+    dropout: float = 0.0
+    bias: bool = True  # in the linear layers and LayerNorms
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def _check(self) -> None:
+        super()._check()
+        if self.d_model % self.n_head:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: choose n_head among {divisors}"
+            )
+        self.choice("positional", POSITIONAL)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class Rotary(nn.Module):
@@ -37,49 +68,53 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        d_model, bias = config.d_model, config.bias
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rotary = Rotary(d_model // n_head) if rotary else None
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = Rotary(config.head_dim) if config.positional == "rotary" else None
 
     def forward(self, x: Tensor, past: KVCache | None = None) -> tuple[Tensor, KVCache]:
         """x (B, T, C). Without ``past``: causal attention over x. With ``past`` (a KV cache of
-        earlier tokens): one new token (T == 1) attending to the cache and itself."""
+        t earlier tokens): one new token (T == 1) attending to the cache and itself."""
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hd)
         start = 0 if past is None else past[0].shape[2]
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None
-        )
-        y = y.transpose(1, 2).reshape(B, T, C)
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, t+1, hd)
+            v = torch.cat([past[1], v], dim=2)  # (B, nh, t+1, hd)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past is None)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, dropout: float, bias: bool):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(d_model, 4 * d_model, bias=bias)
-        self.c_proj = nn.Linear(4 * d_model, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout, bias, rotary)
-        self.ln_2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dropout, bias)
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
 
     def forward(self, x: Tensor, past: KVCache | None = None) -> tuple[Tensor, KVCache]:
         a, kv = self.attn(self.ln_1(x), past)
@@ -88,26 +123,26 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(
-        self,
-        n_layer: int,
-        d_model: int,
-        n_head: int,
-        max_seq_len: int = 1024,
-        positional: str = "learned",
-        dropout: float = 0.0,
-        bias: bool = True,
-    ):
+    """The backbone of a GPTConfig: (B, T, d_model) embedded tokens -> (B, T, d_model)."""
+
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_layer, self.d_model, self.n_head, self.max_seq_len = n_layer, d_model, n_head, max_seq_len
-        self.wpe = nn.Embedding(max_seq_len, d_model) if positional == "learned" else None
-        self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(Block(d_model, n_head, dropout, bias, positional == "rotary") for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model, bias=bias)
+        self.config = config
+        self.n_layer, self.d_model, self.n_head = config.n_layer, config.d_model, config.n_head
+        self.max_seq_len = config.max_seq_len
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if config.positional == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.apply(_init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence it reads: max_seq_len with learned positions, unbounded with rotary."""
+        return self.max_seq_len if self.wpe is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, d_model) embedded tokens -> (B, T, d_model)."""

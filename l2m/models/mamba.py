@@ -1,121 +1,121 @@
 """Mamba-1 mixer (selective SSM) with mamba-ssm's parameter names, shapes and initialisation.
 
 A state dict of ``mamba_ssm.modules.mamba_simple.Mamba`` loads into this module unchanged, so
-weights move between our PyTorch path and the CUDA kernels.
+weights move between our PyTorch path and the CUDA kernels. Backends: l2m.models.kernels
+("reference" is the sequential per-token scan, for tests and benchmarks).
 
-Backends:
-  "torch"     our parallel selective scan (l2m.models.selective_scan), any device;
-  "kernels"   mamba-ssm's selective_scan_fn + causal-conv1d (CUDA tensors only);
-  "auto"      kernels when importable and the input is on CUDA, else torch;
-  "reference" the sequential per-token scan (slow; for tests and benchmarks).
+History state per sequence (spec §3): ssm = d_inner·d_state, conv = d_inner·(d_conv−1).
+Step mode carries exactly those tensors; the SSM state in at least float32 (see `init_state`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.checks import is_int
+from l2m.models.config import MixerConfig
+from l2m.models.kernels import causal_conv1d, load_kernels, require_kernels, use_kernels
 from l2m.models.selective_scan import selective_scan, selective_scan_ref
 
 BACKENDS = ("auto", "torch", "kernels", "reference")
-KERNELS_HINT = (
-    "install the CUDA kernels with `pip install 'l2m[cuda]'` (mamba-ssm and causal-conv1d; needs "
-    "CUDA torch and nvcc), or set backend='torch'"
-)
+KERNELS = ("selective_scan_fn",)  # causal_conv1d_fn too where installed
 
 
-def load_kernels():
-    """(selective_scan_fn, causal_conv1d_fn) from mamba-ssm / causal-conv1d, or None if missing."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn, causal_conv1d_fn
+@dataclass(kw_only=True)
+class MambaConfig(MixerConfig):
+    positive_ints: ClassVar[tuple[str, ...]] = ("d_state", "d_conv", "expand")
+
+    arch: str = "mamba"
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"  # auto: ceil(d_model / 16)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False  # in in_proj and out_proj
+    backend: str = "auto"
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
+
+    def _check(self) -> None:
+        super()._check()
+        self.choice("backend", BACKENDS)
+        if self.dt_rank != "auto" and not (is_int(self.dt_rank) and self.dt_rank >= 1):
+            raise ValueError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or an int >= 1, got {self.dt_rank!r}")
+        require_kernels("Mamba", self.backend, KERNELS)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise causal convolution, x (B, D, L), weight (D, W) -> (B, D, L).
-
-    A sum of W shifted products: PyTorch's grouped Conv1d on CPU is, for some layouts and thread
-    counts, hundreds of times slower (0.5 s instead of 1 ms for (1, 128, 1024) on 2 threads).
-    """
-    W, L = weight.shape[1], x.shape[-1]
-    x = F.pad(x, (W - 1, 0))
-    y = sum(x[..., k : k + L] * weight[:, k, None] for k in range(W))
-    return y if bias is None else y + bias[:, None]
+def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The step state of Mamba and Mamba2: at least float32, like the scans of the forward pass
+    (in bf16 the state, a decayed sum over every token read, would lose the early tokens)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class Mamba(nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 2,
-        dt_rank: int | str = "auto",
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        conv_bias: bool = True,
-        bias: bool = False,
-        backend: str = "auto",
-        layer_idx: int | None = None,
-    ):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if d_conv < 1:
-            raise ValueError(f"d_conv must be >= 1, got {d_conv}")
-        self.kernels = load_kernels() if backend in ("auto", "kernels") else None
-        if backend == "kernels" and self.kernels is None:
-            raise ImportError(f"backend='kernels' needs mamba-ssm and causal-conv1d: {KERNELS_HINT}")
-        self.backend = backend
-        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
-        self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.layer_idx = layer_idx
+    """(B, L, d_model) -> (B, L, d_model); `step` for one token with the recurrent state."""
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+    def __init__(self, config: MambaConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.backend = config.backend
+        self.d_model, self.d_state, self.d_conv = config.d_model, config.d_state, config.d_conv
+        self.d_inner, self.dt_rank = config.d_inner, config.resolved_dt_rank
+        d_model, d_state, d_inner, dt_rank = self.d_model, self.d_state, self.d_inner, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=config.bias)
         self.conv1d = nn.Conv1d(
-            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias
+            d_inner, d_inner, kernel_size=config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.conv_bias
         )
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=config.bias)
         for p in (self.A_log, self.D):
             p._no_weight_decay = True
 
         # dt_proj keeps the variance of dt at init, and its bias makes softplus(bias) log-uniform
         # in [dt_min, dt_max] (S4D/Mamba initialisation).
-        std = self.dt_rank**-0.5
+        std = dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
+        log_min, log_max = math.log(config.dt_min), math.log(config.dt_max)
+        dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=config.dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.dt_proj.bias._no_reinit = True
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, d_model) -> (B, L, d_model)."""
+        kernels = use_kernels("Mamba", self.backend, KERNELS, hidden)
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
-        A = -torch.exp(self.A_log.float())
-        if self._use_kernels(hidden):
-            selective_scan_fn, causal_conv1d_fn = self.kernels
-            x = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            scan = selective_scan_fn
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        conv_fn = load_kernels().causal_conv1d_fn if kernels else None
+        if conv_fn is not None:
+            x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:
-            x = F.silu(causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias))
+            x = F.silu(causal_conv1d(x, self.conv1d))  # (B, d_inner, L)
+        if kernels:
+            scan = load_kernels().selective_scan_fn
+        else:
             scan = selective_scan_ref if self.backend == "reference" else selective_scan
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes into the scan's softplus
-        y = scan(
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes into the scan's softplus
+        y = scan(  # (B, d_inner, L)
             x.contiguous(),
             dt.contiguous(),
             A,
@@ -128,37 +128,32 @@ class Mamba(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2))
 
-    def _use_kernels(self, hidden: Tensor) -> bool:
-        if self.backend == "kernels" and not hidden.is_cuda:
-            raise ValueError(
-                f"backend='kernels' runs on CUDA tensors only, got {hidden.device}: move the model to a GPU "
-                "or set backend='torch'"
-            )
-        return self.kernels is not None and hidden.is_cuda
-
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
-        """(conv_state (B, d_inner, d_conv-1): last conv inputs, ssm_state (B, d_inner, d_state))."""
+        """Zero state: conv_state (B, d_inner, d_conv-1) holds the last d_conv-1 conv inputs (model
+        dtype), ssm_state (B, d_inner, d_state) (`ssm_state_dtype`)."""
         device = device if device is not None else self.A_log.device
         dtype = dtype if dtype is not None else self.in_proj.weight.dtype
         conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=ssm_state_dtype(dtype))
         return conv, ssm
 
     def step(self, hidden: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One token: hidden (B, d_model) -> (B, d_model), new state (the old one is not modified)."""
         conv_state, ssm_state = state
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, d_inner)
+        f = ssm_state_dtype(hidden.dtype)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, d_inner) each
         window = torch.cat([conv_state, x[:, :, None]], dim=-1)  # (B, d_inner, d_conv)
-        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)
+        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)  # (B, d_inner)
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt).float())  # (B, d_inner)
-        A = -torch.exp(self.A_log.float())
-        ssm_state = torch.exp(dt[:, :, None] * A) * ssm_state + (dt * x.float())[:, :, None] * B.float()[:, None, :]
-        y = torch.einsum("bdn,bn->bd", ssm_state, C.float()) + self.D.float() * x.float()
-        y = (y * F.silu(z.float())).to(hidden.dtype)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, r), (B, n), (B, n)
+        dt = F.softplus(self.dt_proj(dt).to(f))  # (B, d_inner)
+        A = -torch.exp(self.A_log.to(f))  # (d_inner, n)
+        x, B, C = x.to(f), B.to(f), C.to(f)
+        ssm_state = torch.exp(dt[:, :, None] * A) * ssm_state + (dt * x)[:, :, None] * B[:, None, :]  # (B, d_inner, n)
+        y = torch.einsum("bdn,bn->bd", ssm_state, C) + self.D.to(f) * x  # (B, d_inner)
+        y = (y * F.silu(z.to(f))).to(hidden.dtype)
         return self.out_proj(y), (window[:, :, 1:], ssm_state)
 
     def state_breakdown(self) -> dict[str, int]:

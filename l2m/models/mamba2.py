@@ -2,45 +2,77 @@
 
 Parameter names, shapes and initialisation follow mamba-ssm, so a state dict moves between our
 PyTorch path (`backend="torch"`, runs anywhere) and the CUDA kernels (`backend="kernels"`:
-mamba-ssm's `mamba_chunk_scan_combined`, plus causal-conv1d when installed). `backend="auto"`
-takes the kernels when they are importable and the input is on CUDA.
+mamba-ssm's `mamba_chunk_scan_combined`, plus causal-conv1d when installed); see
+l2m.models.kernels.
 
 History state per sequence (spec §3): ssm = nheads·headdim·d_state, conv = conv_dim·(d_conv−1),
-with conv_dim = d_inner + 2·ngroups·d_state. Step mode carries exactly those tensors.
+with conv_dim = d_inner + 2·ngroups·d_state. Step mode carries exactly those tensors; the SSM
+state in at least float32 (`l2m.models.mamba.ssm_state_dtype`).
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from l2m.models.mamba import KERNELS_HINT
+from l2m.models.config import MixerConfig
+from l2m.models.kernels import causal_conv1d, load_kernels, require_kernels, use_kernels
+from l2m.models.mamba import ssm_state_dtype
 from l2m.models.ssd import ssd_chunked, ssd_step
 
 BACKENDS = ("auto", "torch", "kernels")
+KERNELS = ("mamba_chunk_scan_combined",)  # causal_conv1d_fn too where installed
 
 
-@lru_cache(maxsize=None)
-def _kernels():
-    """(mamba_chunk_scan_combined, causal_conv1d_fn or None), or None without mamba-ssm."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        return None
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except ImportError:
-        causal_conv1d_fn = None
-    return mamba_chunk_scan_combined, causal_conv1d_fn
+@dataclass(kw_only=True)
+class Mamba2Config(MixerConfig):
+    positive_ints: ClassVar[tuple[str, ...]] = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
 
+    arch: str = "mamba2"
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1  # groups of heads sharing B and C
+    chunk_size: int = 256  # SSD block length
+    backend: str = "auto"
+    A_init_range: tuple[float, float] = field(default=(1.0, 16.0))
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
 
-def kernels_available() -> bool:
-    return _kernels() is not None
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    def _check(self) -> None:
+        super()._check()
+        self.choice("backend", BACKENDS)
+        if self.d_inner % self.headdim:
+            raise ValueError(
+                f"headdim={self.headdim} does not divide d_inner = expand * d_model = {self.d_inner}: choose a "
+                f"headdim among the divisors of {self.d_inner} (e.g. 64) or change d_model/expand"
+            )
+        if self.nheads % self.ngroups:
+            raise ValueError(
+                f"ngroups={self.ngroups} must divide the number of heads d_inner / headdim = {self.nheads}; "
+                "change ngroups or headdim"
+            )
+        require_kernels("Mamba2", self.backend, KERNELS)
 
 
 class RMSNormGated(nn.Module):
@@ -68,81 +100,33 @@ class Mamba2(nn.Module):
     """Mamba2 mixer: in_proj -> [z, x, B, C, dt]; causal depthwise conv on [x, B, C]; SSD scan;
     gated RMSNorm with z; out_proj. (B, T, d_model) -> (B, T, d_model)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        backend: str = "auto",
-        layer_idx: int | None = None,
-        A_init_range: tuple[float, float] = (1.0, 16.0),
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-    ):
+    def __init__(self, config: Mamba2Config, layer_idx: int | None = None):
         super().__init__()
-        for name, value in [("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
-                            ("expand", expand), ("headdim", headdim), ("ngroups", ngroups),
-                            ("chunk_size", chunk_size)]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Mamba2: {name} must be a positive integer, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"Mamba2: backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "kernels" and not kernels_available():
-            raise ImportError(f"Mamba2: backend='kernels' needs mamba-ssm, which is not importable: {KERNELS_HINT}")
-        d_inner = expand * d_model
-        if d_inner % headdim != 0:
-            raise ValueError(
-                f"Mamba2: headdim={headdim} must divide d_inner = expand*d_model = {d_inner}; "
-                f"change headdim, d_model or expand"
-            )
-        nheads = d_inner // headdim
-        if nheads % ngroups != 0:
-            raise ValueError(
-                f"Mamba2: ngroups={ngroups} must divide nheads = d_inner/headdim = {nheads}; "
-                f"change ngroups or headdim"
-            )
-        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
-        self.d_inner, self.nheads = d_inner, nheads
-        self.conv_dim = d_inner + 2 * ngroups * d_state
-        self.backend = backend
-        self.layer_idx = layer_idx
+        self.config, self.layer_idx = config, layer_idx
+        self.backend = config.backend
+        self.d_model, self.d_state, self.d_conv, self.expand = config.d_model, config.d_state, config.d_conv, config.expand
+        self.headdim, self.ngroups, self.chunk_size = config.headdim, config.ngroups, config.chunk_size
+        self.d_inner, self.nheads, self.conv_dim = config.d_inner, config.nheads, config.conv_dim
+        d_model, d_inner, nheads, gn = self.d_model, self.d_inner, self.nheads, self.ngroups * self.d_state
 
         # Registration order and names as in mamba-ssm (state dicts line up key by key).
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * gn + nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim, padding=config.d_conv - 1)
         # dt = softplus(raw + dt_bias) starts log-uniform in [dt_min, dt_max]: dt_bias = softplus^-1(dt)
-        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
+        log_min, log_max = math.log(config.dt_min), math.log(config.dt_max)
+        dt = torch.exp(torch.rand(nheads) * (log_max - log_min) + log_min).clamp(min=config.dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         # A = -exp(A_log) < 0, one decay rate per head, uniform in A_init_range
-        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*A_init_range).log())
+        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*config.A_init_range).log())
         self.D = nn.Parameter(torch.ones(nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # the convention mamba-ssm's optimiser grouping reads
-        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups)
+        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // config.ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
                 f"ngroups={self.ngroups}, chunk_size={self.chunk_size}, backend={self.backend!r}")
-
-    def _use_kernels(self, x: Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "kernels":
-            if not x.is_cuda:
-                raise ValueError(
-                    f"Mamba2: backend='kernels' needs CUDA tensors, got input on {x.device}; "
-                    f"move the model to a GPU or use backend='torch' (or 'auto')"
-                )
-            return True
-        return x.is_cuda and kernels_available()
 
     def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., conv_dim) -> x (..., nheads, headdim), B and C (..., ngroups, d_state)."""
@@ -155,41 +139,41 @@ class Mamba2(nn.Module):
     def _scan_inputs(self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, ...]:
         """(x, dt, A, B, C, D) for the scan, in at least float32 as in the kernels (cumulative
         log-decays lose too much in bf16/fp16), with dt = softplus(dt + dt_bias) and A = -exp(A_log)."""
-        f = torch.promote_types(x.dtype, torch.float32)
+        f = ssm_state_dtype(x.dtype)
         dt = F.softplus(dt.to(f) + self.dt_bias.to(f))
         return x.to(f), dt, -torch.exp(self.A_log.to(f)), B.to(f), C.to(f), self.D.to(f)
 
     def forward(self, u: Tensor) -> Tensor:
+        """u (b, T, d_model) -> (b, T, d_model)."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: input must be (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
-        T = u.shape[1]
-        use_kernels = self._use_kernels(u)
-        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-
-        conv_fn = _kernels()[1] if use_kernels else None
+        kernels = use_kernels("Mamba2", self.backend, KERNELS, u)
+        zxbcdt = self.in_proj(u)  # (b, T, d_inner + conv_dim + h)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv_fn = load_kernels().causal_conv1d_fn if kernels else None
         if conv_fn is not None:
-            xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                          activation="silu").transpose(1, 2)
-        else:  # symmetric padding d_conv-1 then keep the first T outputs = causal conv
-            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :T].transpose(1, 2))
-        x, B, C = self._split_xbc(xBC)  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
+            xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        else:
+            xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d))  # (b, conv_dim, T)
+        x, B, C = self._split_xbc(xBC.transpose(1, 2))  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
 
-        if use_kernels:  # the kernel applies softplus(dt + dt_bias) itself and computes in float32
+        if kernels:  # the kernel applies softplus(dt + dt_bias) itself and computes in float32
             A = -torch.exp(self.A_log.float())
-            y = _kernels()[0](x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+            scan = load_kernels().mamba_chunk_scan_combined
+            y = scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         else:
             with torch.autocast(u.device.type, enabled=False):
                 x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
-                y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D).to(u.dtype)
-        return self.out_proj(self.norm(y.flatten(-2), z))
+                y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D).to(u.dtype)  # (b, T, h, p)
+        return self.out_proj(self.norm(y.flatten(-2), z))  # (b, T, d_model)
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
-        """Zero state: conv_state (batch, conv_dim, d_conv-1) holds the last d_conv-1 conv inputs,
-        ssm_state (batch, nheads, headdim, d_state)."""
+        """Zero state: conv_state (batch, conv_dim, d_conv-1) holds the last d_conv-1 conv inputs (model
+        dtype), ssm_state (batch, nheads, headdim, d_state) (`ssm_state_dtype`)."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
-        ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_state_dtype(dtype))
         return conv_state, ssm_state
 
     def step(self, u: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:

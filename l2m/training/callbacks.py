@@ -1,8 +1,8 @@
 """L²M callbacks: history-state size vs the data's MI, and position-wise metrics on held-out data.
 
-Reusable outside this repository: they need a LightningModule with `.model` (an L2MModel:
-`history_state_size`, `history_state_breakdown`, `num_params`) and `.task`, and a datamodule with
-`seq_len`, `bipartite_mi_half()`, `nll_floor()` and a fixed `val_dataloader()`.
+Reusable outside this repository: they need a LightningModule with `.model` (a SequenceModel) and
+the model config it was built from in `hparams["model"]`, and a datamodule that implements
+l2m.data.contract.L2MData.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from l2m.training.metrics import Positionwise, evaluate_positionwise
-from l2m.training.report import positionwise_rows, write_outputs
+from l2m.evaluation import Positionwise, evaluate_positionwise
+from l2m.report.run import positionwise_rows, write_outputs
 
 
 def heldout_batches(datamodule: L.LightningDataModule, device: Any) -> Iterator:
@@ -61,12 +61,11 @@ class HistoryStateCallback(L.Callback):
         log_summary(trainer, history_state_summary(pl_module.model, trainer.datamodule))
 
 
-def run_summary(pl_module: L.LightningModule, datamodule: Any, metrics: Positionwise, step: int) -> dict[str, Any]:
+def run_summary(model: Any, model_name: str, datamodule: Any, metrics: Positionwise, step: int) -> dict[str, Any]:
     """Everything summary.json holds, apart from the initial (before-training) averages."""
-    model = pl_module.model
     return {
-        "model": pl_module.hparams["model"].get("name", pl_module.hparams["model"].get("arch")),
-        "task": pl_module.task,
+        "model": model_name,
+        "task": datamodule.task,
         "params": int(model.num_params()),
         "seq_len": int(datamodule.seq_len),
         "step": int(step),
@@ -75,10 +74,14 @@ def run_summary(pl_module: L.LightningModule, datamodule: Any, metrics: Position
     }
 
 
-def evaluate_module(pl_module: L.LightningModule, datamodule: Any) -> Positionwise:
-    """Position-wise metrics of a module's model on the datamodule's held-out set."""
-    batches = heldout_batches(datamodule, pl_module.device)
-    return evaluate_positionwise(pl_module.model, batches, pl_module.task, datamodule.nll_floor())
+def model_name(model_config: Mapping[str, Any]) -> str:
+    """How summaries name a model: its config's name (the preset), else its arch."""
+    return model_config.get("name") or model_config.get("arch")
+
+
+def evaluate_heldout(model: Any, datamodule: Any, device: Any) -> Positionwise:
+    """Position-wise metrics of a model (on `device`) on the datamodule's held-out set."""
+    return evaluate_positionwise(model, heldout_batches(datamodule, device), datamodule.nll_floor())
 
 
 class PositionwiseCallback(L.Callback):
@@ -98,7 +101,7 @@ class PositionwiseCallback(L.Callback):
         self._last_step = -1
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Positionwise:
-        metrics = evaluate_module(pl_module, trainer.datamodule)
+        metrics = evaluate_heldout(pl_module.model, trainer.datamodule, pl_module.device)
         averages = {f"val/{k}": v for k, v in metrics.summary().items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(averages, step=trainer.global_step)
@@ -117,7 +120,8 @@ class PositionwiseCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = self._evaluate(trainer, pl_module)
-        self.summary = {**run_summary(pl_module, trainer.datamodule, metrics, trainer.global_step), **self.initial}
+        summary = run_summary(pl_module.model, model_name(pl_module.hparams["model"]), trainer.datamodule, metrics, trainer.global_step)
+        self.summary = {**summary, **self.initial}
         if not trainer.is_global_zero:
             return
         paths = write_outputs(self.out_dir, metrics, self.summary, title=self.summary["model"], smooth=self.smooth)

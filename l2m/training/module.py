@@ -1,4 +1,4 @@
-"""The LightningModule that trains any l2m model on either task."""
+"""The LightningModule that trains any l2m model on any task: the loss is the output adapter's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from l2m.models import build_model
-from l2m.training.metrics import TASKS, token_losses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,16 +27,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 class L2MModule(L.LightningModule):
-    """Next-token training of an L2MModel.
+    """Next-token training of a SequenceModel on the loss of its output adapter.
 
-    Gaussian task: loss = exact conditional KL averaged over positions and dimensions (spec §4);
-    logs KL and NLL in nats per token (summed over copies). Text task: loss = mean NLL.
+    Logs `train/loss` (what is minimised: the Gaussian KL per position and dimension, or the text
+    NLL per token) and each per-token curve as `train/<name>_per_token` (nats per token, summed
+    over a Gaussian token's copies).
 
     Args:
         model: model config for `l2m.models.build_model` (name, arch, n_layer, d_model, ...).
         io: the data's I/O adapter config, `datamodule.io_config()`.
         seq_len: context length L (the number of predicted positions).
-        task: "gaussian" or "text".
         optim: lr, weight_decay, betas, eps, warmup_steps, total_steps (None: trainer.max_steps),
             min_lr_ratio.
         compile: compile the model's forward with torch.compile.
@@ -50,16 +49,12 @@ class L2MModule(L.LightningModule):
         model: dict,
         io: dict,
         seq_len: int,
-        task: str,
         optim: dict,
         compile: bool = False,
         data: dict | None = None,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task={task!r} is not supported; expected one of {TASKS}")
         self.save_hyperparameters()
-        self.task = task
         self.model = build_model(model, io, max_seq_len=seq_len)
         if compile:
             self.model.compile()  # in place: parameter names and checkpoints are unchanged
@@ -68,15 +63,12 @@ class L2MModule(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = token_losses(self.model, batch, self.task)
-        if self.task == "gaussian":
-            loss = losses["kl"].mean()
-            self.log("train/kl", losses["kl"].sum(-1).mean(), prog_bar=True)
-        else:
-            loss = losses["nll"].mean()
+        losses = self.model.losses(batch)
+        loss = losses.pop("loss")
         self._stop_if_not_finite(loss)
-        self.log("train/loss", loss)
-        self.log("train/nll", losses["nll"].mean())
+        self.log("train/loss", loss, prog_bar=True)
+        for name, curve in losses.items():
+            self.log(f"train/{name}_per_token", curve.mean())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 

@@ -4,7 +4,7 @@ cache of sentence-aligned samples, and the Lightning DataModule for the text tas
 from l2m.data.text.cache import SampleCache, open_cache
 from l2m.data.text.datamodule import TextDataModule
 from l2m.data.text.sentences import sentence_spans
-from l2m.data.text.sources import SourceUnavailableError, load_documents
+from l2m.data.text.documents import SourceUnavailableError, load_documents
 from l2m.data.text.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, check_vocab, get_tokenizer
 
 __all__ = [

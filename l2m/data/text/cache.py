@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from l2m.data.text.sentences import sentence_spans
-from l2m.data.text.sources import load_documents, source_fingerprint
+from l2m.data.text.documents import load_documents, source_fingerprint
 from l2m.data.text.tokenizer import Tokenizer
 
 CACHE_VERSION = 1  # bump when the sample format or the sampling rule changes

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from l2m.data.stream import BatchStream, StreamDataModule, check_ints, rank_share
+from l2m.checks import check_ints
+from l2m.data.stream import BatchStream, StreamDataModule, rank_share
 from l2m.data.text.cache import SampleCache, open_cache, open_tokens
 from l2m.data.text.tokenizer import Tokenizer, check_vocab, get_tokenizer
 

@@ -10,18 +10,14 @@ Lightning (l2m.training would import it), and works on runs copied off the train
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import math
-import sys
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+from l2m.report.format import format_number
 
 COLUMNS = ["run_dir", "model", "params", "seq_len", "dim_z", "i_bp_half", "ratio",
            "avg_kl", "kl_first_quarter", "kl_last_quarter", "initial_avg_kl"]
@@ -85,7 +81,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot_sweep(rows: list[dict], path: Path, state: str = "ssm") -> None:
     """Left: avg KL vs I_BP / dim(z), points labelled with L (Fig. 3c). Right: avg KL vs L."""
-    fig, (ax_ratio, ax_len) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))  # not pyplot: leaves the caller's backend alone
+    ax_ratio, ax_len = fig.subplots(1, 2)
     markers = "osD^vP*Xh<>"
     for i, model in enumerate(sorted({r["model"] for r in rows})):
         runs = [r for r in rows if r["model"] == model]
@@ -120,15 +117,6 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm") -> None:
     fig.suptitle(f"L²M sweep: {len(rows)} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def fmt(value: object) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return "-" if value is None else str(value)
 
 
 def print_table(rows: list[dict], skipped: int, paths: dict[str, Path]) -> None:
@@ -142,42 +130,10 @@ def print_table(rows: list[dict], skipped: int, paths: dict[str, Path]) -> None:
     for key, header in headers.items():
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(*(fmt(r[k]) for k in headers))
+        table.add_row(*(format_number(r[k]) for k in headers))
     console = Console()
     console.print(table)
     if skipped:
         console.print(f"skipped {skipped} summaries without I_BP, KL or history-state parts (e.g. text runs)")
     for name, path in paths.items():
         console.print(f"{name:>5}: {path}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m l2m.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="+", help="run or multirun directories written by train.py")
-    parser.add_argument("--out", default=None, help="where sweep.csv and sweep.png go (default: the first dir)")
-    parser.add_argument("--state", choices=["ssm", "total"], default="ssm",
-                        help="dim(z): SSM state for SSMs and KV cache for transformers (paper Fig. 3c), "
-                             "or the whole history state (SSM + conv)")
-    args = parser.parse_args(argv)
-    try:
-        summaries = find_summaries(args.dirs)
-        rows, skipped = sweep_rows(summaries, args.state)
-        if not rows:
-            raise ValueError(
-                f"none of the {len(summaries)} summary.json files has i_bp_half, avg_kl and the history-state "
-                "parts: the sweep report is for Gaussian-task runs (text runs have no exact MI)"
-            )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    out = Path(args.out or args.dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "sweep.csv", "plot": out / "sweep.png"}
-    write_csv(rows, paths["csv"])
-    plot_sweep(rows, paths["plot"], args.state)
-    print_table(rows, skipped, paths)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from l2m.training.metrics import Positionwise  # noqa: E402
+from l2m.evaluation import Positionwise
+from l2m.report.format import format_number
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "positionwise.csv", "summary.json", "positionwise.png"
 
@@ -66,7 +63,8 @@ def plot_positionwise(metrics: Positionwise, path: str | Path, title: str = "", 
     positions = torch.arange(1, len(metrics.nll) + 1)
     panels = [("KL$_i$ (nats/token)", metrics.kl, None)] if metrics.kl is not None else []
     panels.append(("NLL$_i$ (nats/token)", metrics.nll, metrics.floor))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4))  # not pyplot: leaves the caller's backend alone
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (label, curve, floor) in zip(axes[0], panels):
         ax.plot(positions, moving_average(curve, smooth), label=f"model (window {smooth})")
         if floor is not None:  # smoothed alike, so the smoothed NLL (= KL + floor) never dips below it
@@ -82,17 +80,6 @@ def plot_positionwise(metrics: Positionwise, path: str | Path, title: str = "", 
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def format_number(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:

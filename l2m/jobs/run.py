@@ -1,8 +1,9 @@
 """The two jobs behind train.py and evaluate.py, callable with any composed config.
 
 `train(cfg)` / `evaluate(cfg)` take the config that conf/train.yaml / conf/evaluate.yaml compose;
-the run directory is Hydra's output directory unless `run_dir` is given (e.g. with Hydra's
-compose API).
+the run directory is `cfg.run_dir` (Hydra's output directory) unless `run_dir` is given (e.g.
+with Hydra's compose API). Callbacks and loggers are whatever the `callbacks` and `logger`
+groups name by `_target_`.
 """
 
 from __future__ import annotations
@@ -21,33 +22,54 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2m.data.gaussian import MAX_LEVELS
-from l2m.training.callbacks import HistoryStateCallback, PositionwiseCallback, evaluate_module, run_summary
-from l2m.training.launch import ddp_job
-from l2m.training.loggers import announce_offline, build_logger, finish
+from l2m.data.contract import L2MData, check_data
+from l2m.jobs.multirun_ddp import ddp_job
+from l2m.models import load_checkpoint
+from l2m.report.run import print_summary, write_outputs
+from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
+from l2m.training.loggers import announce_offline, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
-from l2m.training.report import print_summary, write_outputs
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
 # while every DataLoader worker takes its own batches (l2m.data.stream).
-warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no `validation_step`")
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-
-GAUSSIAN_LENGTHS = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
+EXPECTED_WARNINGS = (
+    "You passed in a `val_dataloader` but have no `validation_step`",
+    "Your `IterableDataset` has `__len__` defined",
+)
 
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _run_names() -> tuple[str | None, str | None]:
+    """W&B group and run name: runs of one multirun (or one experiment) share a group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    group = experiment
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])  # e.g. 2026-11-23/19-20-00
+        group = f"{experiment or 'multirun'} {sweep}"
+    return group, hydra_cfg.job.override_dirname or None
+
+
+OmegaConf.register_new_resolver("l2m.run_group", lambda: _run_names()[0] or "", replace=True)
+OmegaConf.register_new_resolver("l2m.run_name", lambda: _run_names()[1] or "", replace=True)
+
+
 @contextmanager
 def report_errors() -> Iterator[None]:
     """Bad input and a diverged run end with their message and exit status 1, not a traceback
     (HYDRA_FULL_ERROR=1 shows it). ConnectionError: a hub dataset that cannot be reached
-    (l2m.data.text.sources.SourceUnavailableError, raised while preparing the data); ImportError:
+    (l2m.data.text.documents.SourceUnavailableError, raised while preparing the data); ImportError:
     an optional package a chosen option needs (e.g. backend=kernels without mamba-ssm)."""
     try:
         yield
@@ -58,12 +80,21 @@ def report_errors() -> Iterator[None]:
         sys.exit(1)
 
 
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
+@contextmanager
+def expected_warnings_silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
-        run_dir = HydraConfig.get().runtime.output_dir
-    return Path(run_dir)
+
+def with_run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
+    """The run directory (cfg.run_dir unless given), written back into cfg for the callbacks and
+    loggers that interpolate ${run_dir}."""
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+    return Path(cfg.run_dir)
 
 
 @rank_zero_only
@@ -86,54 +117,31 @@ def checkpoint_path(path: str | None) -> str | None:
     return str(ckpt)
 
 
-def data_config(data: Any) -> dict:
-    """The data config as a plain dict. For the Gaussian task `seq_len`, if set, picks `levels`."""
-    data = dict(_plain(data))
-    if str(data.get("_target_", "")).endswith("GaussianDataModule") and "seq_len" in data:
-        seq_len = data.pop("seq_len")
-        if seq_len is not None:
-            if seq_len not in GAUSSIAN_LENGTHS:
-                raise ValueError(
-                    f"data.seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
-                    f"L = 4**levels: {', '.join(map(str, GAUSSIAN_LENGTHS))} (data.levels=1..{MAX_LEVELS})"
-                )
-            data["levels"] = GAUSSIAN_LENGTHS[seq_len]
-    return data
+def instantiate_group(node: DictConfig | None) -> list:
+    """The objects of a config group such as `callbacks` or `logger`: one per entry with a `_target_`."""
+    if not node:
+        return []
+    return [instantiate(entry) for entry in node.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
-def run_names() -> tuple[str | None, str | None]:
-    """W&B group and run name: runs of one multirun (or one experiment) share a group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None, None
-    hydra_cfg = HydraConfig.get()
-    experiment = hydra_cfg.runtime.choices.get("experiment")
-    group = experiment
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])  # e.g. 2026-11-23/19-20-00
-        group = f"{experiment or 'multirun'} {sweep}"
-    return group, hydra_cfg.job.override_dirname or None
-
-
-def instantiate_data(data: dict) -> L.LightningDataModule:
+def instantiate_data(data: dict) -> L2MData:
     """The datamodule of a data config; its bad-input ValueError comes out as such."""
     try:
-        return instantiate(data)
+        datamodule = instantiate(data)
     except InstantiationException as error:
         if isinstance(error.__cause__, ValueError):
             raise ValueError(f"data ({data.get('_target_')}): {error.__cause__}") from error.__cause__
         raise
+    return check_data(datamodule)
 
 
-def build(cfg: DictConfig, data: dict) -> tuple[L.LightningDataModule, L2MModule]:
+def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
+    data = _plain(cfg.data)
     datamodule = instantiate_data(data)
     module = L2MModule(
         model=_plain(cfg.model),
         io=datamodule.io_config(),
         seq_len=datamodule.seq_len,
-        task=datamodule.task,
         optim=_plain(cfg.optim),
         compile=cfg.compile,
         data=data,
@@ -143,65 +151,54 @@ def build(cfg: DictConfig, data: dict) -> tuple[L.LightningDataModule, L2MModule
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train per `cfg`; return the run summary (also in <run_dir>/summary.json)."""
-    run_dir = resolve_run_dir(run_dir)
+    run_dir = with_run_dir(cfg, run_dir)
     ckpt_path = checkpoint_path(cfg.ckpt_path)
     save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, module = build(cfg, data_config(cfg.data))
+    datamodule, module = build(cfg)
 
-    group, name = run_names()
-    logger = build_logger(cfg.logger, run_dir, _plain(cfg), group, name)
-    cb_cfg = cfg.callbacks
-    positionwise = PositionwiseCallback(run_dir, cb_cfg.positionwise.every_n_steps, cb_cfg.positionwise.smooth)
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cb_cfg.checkpoint.every_n_steps,
-        save_top_k=cb_cfg.checkpoint.save_top_k,
-        save_last=True,
-    )
-    l2m_callbacks = [HistoryStateCallback(), positionwise] if cb_cfg.l2m else []
-    extra = [instantiate(c) for c in (cb_cfg.extra or {}).values()]
+    loggers = instantiate_group(cfg.logger)
+    for logger in loggers:
+        logger.log_hyperparams(_plain(cfg))
+    configured = instantiate_group(cfg.callbacks)
     trainer = L.Trainer(
         **_plain(cfg.trainer),
-        logger=logger,
-        callbacks=[*l2m_callbacks, checkpoints, *extra, *callbacks],
+        logger=loggers or False,
+        callbacks=[*configured, *callbacks],
         default_root_dir=run_dir,
         limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
         num_sanity_val_steps=0,
     )
-    with ddp_job():
+    with ddp_job(), expected_warnings_silenced():
         try:
-            announce_offline(logger)
+            announce_offline(loggers)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except NonFiniteLossError as error:
-            last = checkpoints.last_model_path or "none saved yet"
+            checkpoints = [c for c in configured if isinstance(c, ModelCheckpoint)]
+            last = (checkpoints and checkpoints[0].last_model_path) or "none saved yet"
             raise NonFiniteLossError(f"{error}\nlast good checkpoint: {last}") from error
         finally:
-            finish(logger)
-    summary = positionwise.summary or {}
+            finish(loggers)
+    summary = next((c.summary for c in configured if isinstance(c, PositionwiseCallback)), None) or {}
     if trainer.is_global_zero and summary:
-        print_summary(summary, {"plot": run_dir / "positionwise.png", "metrics": run_dir / "summary.json",
-                                "ckpt": Path(checkpoints.dirpath) / "last.ckpt"})
+        files = {"plot": run_dir / "positionwise.png", "metrics": run_dir / "summary.json"}
+        if trainer.checkpoint_callback is not None:
+            files["ckpt"] = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        print_summary(summary, files)
     return summary
 
 
 def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Recompute position-wise metrics of `cfg.ckpt_path` on its held-out set; write the run files."""
-    run_dir = resolve_run_dir(run_dir)
-    if cfg.ckpt_path is None:
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ValueError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt")
-    ckpt_path = checkpoint_path(cfg.ckpt_path)
+    run_dir = with_run_dir(cfg, run_dir)
+    checkpoint = load_checkpoint(checkpoint_path(cfg.ckpt_path))
     save_config(cfg, run_dir)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    # One read of the file serves the weights, the step and the callbacks' state.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module = L2MModule(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
-    module.to(device)
+    model = checkpoint.model.to(device)
     # The data config is the one trained on, updated by the non-null keys given here (val_size...).
-    trained_on = module.hparams.data
+    trained_on = checkpoint.hparams["data"]
     overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
     unknown = sorted(set(overrides) - set(trained_on))
     if unknown:
@@ -209,17 +206,20 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
             f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
         )
-    datamodule = instantiate_data(data_config({**trained_on, **overrides}))
-    if datamodule.io_config() != module.hparams.io:
+    datamodule = instantiate_data({**trained_on, **overrides})
+    if datamodule.io_config() != checkpoint.hparams["io"]:
         raise ValueError(
-            f"the checkpoint's model reads {module.hparams.io}, but the data gives {datamodule.io_config()}"
+            f"the checkpoint's model reads {checkpoint.hparams['io']}, but the data gives {datamodule.io_config()}"
         )
     datamodule.prepare_data()
     datamodule.setup("validate")
 
-    metrics = evaluate_module(module, datamodule)
-    initial = checkpoint.get("callbacks", {}).get(PositionwiseCallback.__qualname__, {}).get("initial") or {}
-    summary = {**run_summary(module, datamodule, metrics, checkpoint["global_step"]), **initial, "ckpt_path": ckpt_path}
+    with expected_warnings_silenced():
+        metrics = evaluate_heldout(model, datamodule, device)
+    initial = checkpoint.callbacks.get(PositionwiseCallback.__qualname__, {}).get("initial") or {}
+    name = model_name(checkpoint.hparams["model"])
+    summary = {**run_summary(model, name, datamodule, metrics, checkpoint.step), **initial,
+               "ckpt_path": str(checkpoint.path)}
     paths = write_outputs(run_dir, metrics, summary, title=summary["model"], smooth=cfg.smooth)
     print_summary(summary, {"plot": paths["plot"], "metrics": paths["summary"]})
     return summary

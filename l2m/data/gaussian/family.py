@@ -33,11 +33,12 @@ B = 4 and 64 copies that is 137 GFLOP, ~6 s on the 2-core CPU (`sample` / `from_
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 
 import torch
+
+from l2m.checks import check_int
 
 KINDS = ("subvolume", "log")
 MAX_LEVELS = 8
@@ -57,12 +58,10 @@ _M = torch.tensor(
 
 
 def _validate(levels, kind, copies) -> None:
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
-        raise ValueError(f"levels must be an int in 1..{MAX_LEVELS} (L = 4**levels), got {levels!r}")
+    check_int("levels", levels, 1, MAX_LEVELS)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+    check_int("copies", copies)
 
 
 def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
@@ -188,8 +187,7 @@ class GaussianFamily:
     def bipartite_mi(self, split: int | None = None) -> float:
         """I(Z_1..Z_split ; Z_split+1..Z_L) in nats for all copies; default split = L/2."""
         split = self.seq_len // 2 if split is None else split
-        if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= self.seq_len - 1:
-            raise ValueError(f"split must be an int in 1..{self.seq_len - 1} (L={self.seq_len}), got {split!r}")
+        check_int("split", split, 1, self.seq_len - 1)
         # log det of the leading m×m block is 2 Σ_{i≤m} log R_ii. Σ is persymmetric
         # (Σ_ij = Σ_{L+1−i, L+1−j}: reversing a sequence maps the family onto itself), so the
         # trailing block Σ_YY of size L − split has the determinant of the leading one.
@@ -201,8 +199,7 @@ class GaussianFamily:
     def two_point_mi(self, i: int, j: int) -> float:
         """I(Z_i; Z_j) in nats for all copies; positions are 1-based and must differ."""
         for name, pos in (("i", i), ("j", j)):
-            if isinstance(pos, bool) or not isinstance(pos, int) or not 1 <= pos <= self.seq_len:
-                raise ValueError(f"{name} must be a 1-based position in 1..{self.seq_len}, got {pos!r}")
+            check_int(name, pos, 1, self.seq_len, what="a 1-based position")
         if i == j:
             raise ValueError(f"i and j must differ (the MI of a variable with itself is infinite), got {i}")
         rho = float(self.covariance[i - 1, j - 1])
@@ -216,8 +213,7 @@ class GaussianFamily:
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """ε ~ N(0, I), (batch, L, copies) float64 on CPU (device-independent randomness)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        check_int("batch", batch)
         return torch.randn(batch, self.seq_len, self.copies, dtype=torch.float64, generator=generator)
 
     def from_noise(self, eps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -277,21 +273,6 @@ class GaussianFamily:
 # ---- command line: the MI table ----
 
 
-def _parse_levels(text: str) -> list[int]:
-    """'2-6' or '2,3,5' -> list of levels."""
-    try:
-        if "-" in text:
-            lo, hi = (int(s) for s in text.split("-"))
-            levels = list(range(lo, hi + 1))
-        else:
-            levels = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"levels must look like '2-6' or '2,3,4', got {text!r}") from None
-    if not levels or any(not 1 <= k <= MAX_LEVELS for k in levels):
-        raise argparse.ArgumentTypeError(f"levels must lie in 1..{MAX_LEVELS}, got {text!r}")
-    return levels
-
-
 def mi_table(levels: list[int], kind: str, copies: int = 1) -> list[dict]:
     """One row per level: L, I_BP(L/2; L), antipodal I_TP(1, L), σ_L (nats, `copies` copies)."""
     rows = []
@@ -307,41 +288,3 @@ def mi_table(levels: list[int], kind: str, copies: int = 1) -> list[dict]:
             }
         )
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from l2m.mi import fit_power_law
-
-    parser = argparse.ArgumentParser(
-        prog="python -m l2m.data.gaussian", description="Exact MI of the sub-volume and log Gaussian families."
-    )
-    parser.add_argument("--levels", type=_parse_levels, default=_parse_levels("2-6"), help="e.g. 2-6 (L = 4**levels)")
-    parser.add_argument("--kind", choices=(*KINDS, "both"), default="both")
-    parser.add_argument("--copies", type=int, default=1, help="MI scales linearly with copies (default 1)")
-    args = parser.parse_args(argv)
-    if args.copies < 1:
-        parser.error(f"--copies must be >= 1, got {args.copies}")
-
-    console = Console()
-    for kind in KINDS if args.kind == "both" else (args.kind,):
-        rows = mi_table(args.levels, kind, args.copies)
-        caption = ""
-        if len(rows) >= 2:
-            beta, prefactor, beta_err = fit_power_law([r["L"] for r in rows], [r["i_bp"] for r in rows])
-            caption = f"fit I_BP(L/2; L) ≈ {prefactor:.4g}·L^β,  β = {beta:.4f} ± {beta_err:.4f}"
-        copies = f"{args.copies} cop{'y' if args.copies == 1 else 'ies'}"
-        table = Table(title=f"{kind} family, {copies}, nats", caption=caption)
-        for name in ("levels", "L", "I_BP(L/2; L)", "I_TP(1, L)", "σ_L"):
-            table.add_column(name, justify="right")
-        for r in rows:
-            table.add_row(
-                str(r["levels"]), f"{r['L']:,}", f"{r['i_bp']:.10g}", f"{r['i_tp']:.6e}", f"{r['sigma_last']:.10f}"
-            )
-        console.print(table)
-
-
-if __name__ == "__main__":
-    main()

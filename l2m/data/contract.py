@@ -1,0 +1,49 @@
+"""What l2m's training, callbacks and reports ask of a data module: the `L2MData` protocol.
+
+GaussianDataModule and TextDataModule implement it; a new task is a DataModule that does (and,
+for a new kind of token, one pair of adapters in l2m.models.adapters). Batches follow the
+adapters' contract: BOS + L tokens under the input adapter's key, plus what its loss reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class L2MData(Protocol):
+    task: str  # a label for summaries and reports ("gaussian", "text"); nothing branches on it
+    seq_len: int  # L: predicted positions per sequence
+
+    def io_config(self) -> dict:
+        """The token kind the model must read and write, e.g. {"kind": "gaussian", "dim": 64}."""
+
+    def bipartite_mi_half(self) -> float | None:
+        """Exact I_BP(L/2; L) in nats per sequence, None where unknown (natural text)."""
+
+    def nll_floor(self) -> Tensor | None:
+        """(L,) exact H_p(W_i | W_<i) in nats per token, None where unknown; with it KL_i = NLL_i - floor_i."""
+
+    def val_dataloader(self) -> Any:
+        """The fixed held-out set (this DDP rank's share)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
+
+
+def check_data(datamodule: object) -> L2MData:
+    """`datamodule` if it implements L2MData, else a ValueError naming what it lacks."""
+    missing = [name for name in ("task", "seq_len", *_METHODS) if not hasattr(datamodule, name)]
+    if missing:
+        raise ValueError(
+            f"{type(datamodule).__qualname__} is not an l2m data module: it lacks {missing} "
+            "(see l2m.data.contract.L2MData)"
+        )
+    return datamodule
+
+
+_METHODS = ("io_config", "bipartite_mi_half", "nll_floor", "val_dataloader",
+            "on_before_batch_transfer", "on_after_batch_transfer")

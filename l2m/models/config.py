@@ -1,0 +1,62 @@
+"""Typed model configs: the fields every architecture shares, checked in one place.
+
+Each architecture subclasses `ModelConfig` beside its module (gpt.py, mamba.py, mamba2.py) with
+its own fields, defaults and checks (`_check`); `l2m.models.registry` maps the `arch` string of a
+flat YAML preset to (config class, module). Errors name the key and say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from l2m.checks import check_int
+
+NORMS = ("rms", "layer")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Fields of every architecture. `positive_ints` lists the fields checked as ints >= 1."""
+
+    positive_ints: ClassVar[tuple[str, ...]] = ("n_layer", "d_model", "pad_vocab_size_multiple")
+
+    arch: str
+    n_layer: int
+    d_model: int
+    name: str | None = None
+    pad_vocab_size_multiple: int = 1  # discrete io: embedding rows rounded up to a multiple (speed)
+    tie_embeddings: bool = True  # discrete io: LM head shares the embedding matrix
+
+    def __post_init__(self) -> None:
+        for cls in type(self).__mro__:
+            for key in vars(cls).get("positive_ints", ()):
+                check_int(f"model {key}", getattr(self, key))
+        self._check()
+
+    def _check(self) -> None:
+        """Architecture-specific checks, after the positive ints; subclasses extend it."""
+
+    def choice(self, key: str, options: tuple) -> None:
+        """ValueError unless `key` holds one of `options`."""
+        if getattr(self, key) not in options:
+            raise ValueError(f"model {key} for {self.arch} must be one of {options}, got {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class MixerConfig(ModelConfig):
+    """A stack of pre-norm residual blocks around one mixer each (mamba-ssm's MixerModel).
+
+    The registry stacks the mixer module of any config of this kind with `MixerStack`; the mixer
+    takes (config, layer_idx) and declares its recurrent state in `state_breakdown()`.
+    """
+
+    norm: str = "rms"  # block and final norm: rms | layer
+
+    def _check(self) -> None:
+        super()._check()
+        self.choice("norm", NORMS)

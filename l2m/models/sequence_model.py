@@ -1,0 +1,62 @@
+"""SequenceModel: input adapter -> backbone -> output adapter, for any architecture and token kind.
+
+A backbone maps (B, T, d_model) -> (B, T, d_model) including its final norm, and offers
+init_state / step / state_breakdown(n_past): GPT and MixerStack do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn as nn
+from torch import Tensor
+
+from l2m.checks import check_int
+
+
+class SequenceModel(nn.Module):
+    """Token model: ``encoder`` (io adapter) -> ``backbone`` -> ``decoder`` (io adapter).
+
+    forward(x): ids (B, T) -> logits (B, T, V), or Gaussian tokens (B, T, D) -> (mean, std).
+    step(x_t, state): the same for one token (B,) / (B, D), carrying the backbone's state.
+    losses(batch): the output adapter's loss and per-token curves on a batch of BOS + L tokens.
+    """
+
+    def __init__(self, encoder: nn.Module, backbone: nn.Module, decoder: nn.Module, name: str | None = None):
+        super().__init__()
+        self.name = name
+        self.encoder, self.backbone, self.decoder = encoder, backbone, decoder
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the backbone reads (learned positions), None where unbounded."""
+        return getattr(self.backbone, "max_positions", None)
+
+    def forward(self, x: Tensor):
+        return self.decoder(self.backbone(self.encoder(x)))
+
+    def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """{"loss": scalar, "nll": (B, L), and "kl": (B, L) where known}: nats per token, float32."""
+        tokens = batch[self.encoder.batch_key]  # (B, L+1, ...): BOS, then the L tokens to predict
+        return self.decoder.losses(self(tokens[:, :-1]), batch)
+
+    def init_state(self, batch: int, device=None, dtype=None):
+        p = next(self.parameters())
+        return self.backbone.init_state(batch, device or p.device, dtype or p.dtype)
+
+    def step(self, x: Tensor, state):
+        h, state = self.backbone.step(self.encoder(x), state)
+        return self.decoder(h), state
+
+    def history_state_breakdown(self, n_past: int) -> dict[str, int]:
+        """Scalars of history state per sequence after reading n_past tokens, by part
+        ("kv" for attention, "ssm" and "conv" for SSMs)."""
+        return self.backbone.state_breakdown(check_int("n_past", n_past, 0))
+
+    def history_state_size(self, n_past: int) -> int:
+        """dim(z): total scalars the step state holds after n_past tokens (batch 1)."""
+        return sum(self.history_state_breakdown(n_past).values())
+
+    def num_params(self) -> int:
+        """Trainable parameters, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())

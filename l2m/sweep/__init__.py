@@ -1,0 +1,1 @@
+"""`python -m l2m.sweep`: the sweep report; the code is l2m.report.sweep."""
