@@ -11,8 +11,8 @@ Adapters accept any leading shape: (B, T, ...) for the full forward, (B, ...) fo
 
 The batch contract: an input adapter reads `batch[batch_key]`, (B, L+1, ...) with BOS first;
 the model reads tokens 0..L-1 and predicts tokens 1..L. `losses(prediction, batch)` of the
-output adapter returns "loss" (the scalar trained on) and curves (B, L) in nats per token: "nll",
-and "kl" where the data's conditional is known.
+output adapter returns "loss" (the scalar trained on) and curves (B, L) in nats per token: "kl"
+where the data's conditional is known, and "nll"; the first curve is the headline (progress bar).
 """
 
 from __future__ import annotations

@@ -66,9 +66,9 @@ class L2MModule(L.LightningModule):
         losses = self.model.losses(batch)
         loss = losses.pop("loss")
         self._stop_if_not_finite(loss)
-        self.log("train/loss", loss, prog_bar=True)
-        for name, curve in losses.items():
-            self.log(f"train/{name}_per_token", curve.mean())
+        self.log("train/loss", loss)
+        for i, (name, curve) in enumerate(losses.items()):  # the adapter's first curve is its headline
+            self.log(f"train/{name}_per_token", curve.mean(), prog_bar=i == 0)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
