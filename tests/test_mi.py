@@ -258,3 +258,59 @@ def test_tokenizer_must_match_scorer():
     Tok.vocab_size = 50433
     with pytest.raises(ValueError, match="has 50433 tokens"):
         check_tokenizer(Tok(), scorer)
+
+
+# --- standard errors calibrated on replicate data sets -------------------------------------------
+# Over many independent data sets from a known law, the spread (SD) of the estimates and the mean
+# of the standard errors reported for each data set must agree within 25%. Seeds are fixed; the
+# replicate counts keep the sampling noise of the spread itself near 5%.
+
+def _calibration(estimates, stderrs) -> float:
+    return float(np.mean(stderrs) / np.std(estimates, ddof=1))
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0], ids=["uniform", "zipf"])
+@pytest.mark.parametrize("entropy", [grassberger_entropy, naive_entropy], ids=["grassberger", "naive"])
+def test_entropy_standard_errors_are_calibrated_on_sparse_tables(entropy, exponent):
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, 50_001) ** exponent  # 20,000 draws over 50,000 bins
+    results = [entropy(rng.multinomial(20_000, p / p.sum())) for _ in range(300)]
+    assert _calibration(*zip(*results)) == pytest.approx(1.0, abs=0.25)
+
+
+def test_vclub_and_direct_standard_errors_are_calibrated():
+    scorer, vclub, direct = ExactScorer(MIXTURE), [], []
+    for seed in range(200):
+        generator = torch.Generator().manual_seed(seed)
+        result = bipartite_mi(scorer, MIXTURE.sample(2048, 16, generator), splits=[4], ratios=(4,), generator=generator)
+        (split,) = result.splits
+        vclub.append((split.vclub, split.vclub_se))
+        direct.append((split.direct_uncorrected, split.direct_uncorrected_se))
+    assert _calibration(*zip(*vclub)) == pytest.approx(1.0, abs=0.25)
+    assert _calibration(*zip(*direct)) == pytest.approx(1.0, abs=0.25)
+
+
+@pytest.mark.parametrize("d", [1, 8])
+def test_two_point_standard_error_is_calibrated_on_dependent_documents(d):
+    # Each document of the mixture is all sticky or all switchy: its pairs are far from independent.
+    results = []
+    for seed in range(100):
+        counter = PairCounter(MIXTURE.vocab_size, [d])
+        for document in MIXTURE.sample(2000, 64, torch.Generator().manual_seed(seed)).numpy():
+            counter.update(document)
+        results.append(two_point_mi(counter, d))
+    assert _calibration(*zip(*results)) == pytest.approx(1.0, abs=0.25)
+
+
+def test_pair_counter_groups_partition_the_pairs():
+    counter = PairCounter(3, [1, 2], groups=4, block_tokens=5)
+    for document in CHAIN.sample(7, 12, torch.Generator().manual_seed(0)).numpy():
+        counter.update(document)
+    keys, counts = counter.pairs(1)
+    group_keys, groups, group_counts = counter.group_pairs(1)
+    assert counter.n_blocks == 7 * 3 and set(groups.tolist()) == {0, 1, 2, 3}
+    assert counts.sum() == group_counts.sum() == 7 * 11
+    for key, count in zip(keys, counts):
+        assert group_counts[group_keys == key].sum() == count
+    with pytest.raises(ValueError, match="overflows"):
+        PairCounter(2**31, [1], groups=16)

@@ -6,6 +6,13 @@ For each sample W_1..W_L, X = W_1..W_ℓ and Y = W_ℓ+1..W_L:
   ⅕·h₂ + ⅘·Ĥ_G(Y₁Y₂), the Grassberger 2-gram entropy from corpus counts.
 * vCLUB:   I ≈ mean[log q(Y|X)] − mean[log q(Y'|X)], Y' the second half of another sample.
 
+Standard errors. The direct estimator's terms are independent across samples: SE = sd/√N.
+vCLUB's are not: the partners follow one random cycle through the samples, so Y_j enters its own
+term (+) and its predecessor's (−), and neighbours on the cycle covary. Its variance is the sum of
+the terms' variances plus twice their covariance along the cycle (lag 1; terms further apart
+share no sample), which the independent-samples formula overstated about 2× (calibrated on
+replicate data sets from the exact sources in tests/test_mi.py).
+
 Forward passes. Splits (ℓ, L = rℓ) for all ratios r reuse the same samples' prefixes, and a
 causal model's pass over a sequence scores every prefix of it, so per sample:
 * one pass over W_1..W_Lmax gives log q(Y|X) for every split (sums of its per-token terms);
@@ -81,17 +88,31 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
+def _cycle_mean_se(values: np.ndarray, partner: np.ndarray) -> tuple[float, float]:
+    """Mean of terms that covary with their partner's term only (one cycle through them): SE from
+    the variance of the sum, Σ c_i² + 2 Σ c_i c_partner(i), c the centred terms. Where that
+    estimate is not positive (a handful of samples), the independent-samples SE, which the
+    negative covariance makes an upper bound."""
+    centred = values - values.mean()
+    variance = (centred @ centred + 2 * centred @ centred[partner]) / (values.size - 1)
+    if variance <= 0:
+        return _mean_se(values)
+    return float(values.mean()), float(np.sqrt(variance / values.size))
+
+
 def _fit(splits: list[SplitEstimate], estimator: str) -> dict:
-    """β per ratio r = L/ℓ: least squares of log I on log L over the splits with I > 0."""
+    """β per ratio r = L/ℓ: weighted least squares of log I on log L over the splits with I > 0,
+    the points' standard errors carried into β's."""
     fits = {}
     for r in sorted({s.seq_len // s.ell for s in splits}):
-        pts = [(s.seq_len, getattr(s, estimator)) for s in splits if s.seq_len == r * s.ell]
-        good = [(x, y) for x, y in pts if y > 0]
+        pts = [(s.seq_len, getattr(s, estimator), getattr(s, f"{estimator}_se")) for s in splits if s.seq_len == r * s.ell]
+        good = [(x, y, se) for x, y, se in pts if y > 0]
         entry = {"points": len(good), "nonpositive_dropped": len(pts) - len(good)}
         if len(good) >= 2:
-            beta, prefactor, beta_se = fit_power_law(*zip(*good))
-            # Two points fix the line exactly: no residual, hence no standard error.
-            entry.update(beta=beta, beta_se=beta_se if len(good) > 2 else None, prefactor=prefactor)
+            x, y, se = zip(*good)
+            # A zero SE (e.g. identical samples) gives no weight: then ordinary least squares.
+            beta, prefactor, beta_se = fit_power_law(x, y, y_stderr=se if min(se) > 0 else None)
+            entry.update(beta=beta, beta_se=beta_se, prefactor=prefactor)
         fits[r] = entry
     return fits
 
@@ -134,6 +155,7 @@ def bipartite_mi(
     conditional = scorer(samples[:, :max_len]).numpy()  # log q(w_i | w_<i), (N, Lmax)
     prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(conditional, axis=1)], axis=1)
     partner = _derangement(n, generator)
+    partner_ids = partner.numpy()
 
     estimates = []
     ells = sorted({ell for ell, _ in kept})
@@ -152,7 +174,7 @@ def bipartite_mi(
                 h_g, h_g_se = bigram_entropy
                 direct, direct_se = _mean_se(raw - CORRECTION_WEIGHT * (h2 - h_g))
                 direct_se = float(np.hypot(direct_se, CORRECTION_WEIGHT * h_g_se))
-            vclub, vclub_se = _mean_se(log_y_given_x - shuffled[:, : seq - ell].sum(1))
+            vclub, vclub_se = _cycle_mean_se(log_y_given_x - shuffled[:, : seq - ell].sum(1), partner_ids)
             estimates.append(SplitEstimate(ell, seq, n, direct, direct_se, raw_mean, raw_se, vclub, vclub_se))
 
     result = BipartiteResult(

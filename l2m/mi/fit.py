@@ -36,21 +36,31 @@ def positive_points(x, y, min_points: int, fit: str, names: tuple[str, str] = ("
     return x, y
 
 
-def fit_power_law(x, y) -> PowerLawFit:
-    """Fit log y = log A + β log x by ordinary least squares.
+def fit_power_law(x, y, y_stderr=None) -> PowerLawFit:
+    """Fit log y = log A + β log x by least squares.
 
-    Returns β (`exponent`), A (`prefactor`) and the standard error of β from the residuals
-    (0 when the fit has no residual degrees of freedom, i.e. exactly two points).
+    Without `y_stderr`: ordinary least squares, and the standard error of β from the residuals
+    (0 when there are exactly two points). With `y_stderr` (the points' own standard errors):
+    weighted least squares with weights 1/σ², σ = y_stderr / y the error of log y, and the standard
+    error of β from those errors, scaled up by sqrt(χ²/dof) where the points scatter more than
+    their errors say (so it holds both for two points and for a misfitting power law).
     """
     x, y = positive_points(x, y, min_points=2, fit="a power-law fit")
     lx, ly = np.log(x), np.log(y)
     design = np.stack([np.ones_like(lx), lx], axis=1)
-    (log_a, beta), *_ = np.linalg.lstsq(design, ly, rcond=None)
     dof = x.size - 2
-    if dof > 0:
+    if y_stderr is None:
+        (log_a, beta), *_ = np.linalg.lstsq(design, ly, rcond=None)
         residual = ly - design @ np.array([log_a, beta])
-        sigma2 = residual @ residual / dof
-        beta_err = float(np.sqrt(sigma2 / np.sum((lx - lx.mean()) ** 2)))
-    else:
-        beta_err = 0.0
+        beta_err = float(np.sqrt(residual @ residual / dof / np.sum((lx - lx.mean()) ** 2))) if dof > 0 else 0.0
+        return PowerLawFit(exponent=float(beta), prefactor=float(np.exp(log_a)), exponent_stderr=beta_err)
+    sigma = np.asarray(y_stderr, dtype=np.float64).ravel() / y
+    if sigma.shape != y.shape or not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+        raise ValueError(f"y_stderr must hold one finite, positive standard error per point, got {y_stderr}")
+    weights = 1.0 / sigma**2
+    normal = design.T @ (design * weights[:, None])
+    log_a, beta = np.linalg.solve(normal, design.T @ (weights * ly))
+    residual = ly - design @ np.array([log_a, beta])
+    chi2_per_dof = (weights @ residual**2) / dof if dof > 0 else 1.0
+    beta_err = float(np.sqrt(np.linalg.inv(normal)[1, 1] * max(1.0, chi2_per_dof)))
     return PowerLawFit(exponent=float(beta), prefactor=float(np.exp(log_a)), exponent_stderr=beta_err)
