@@ -249,3 +249,104 @@ def test_batches_on_gpu_equal_cpu():
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=0, atol=1e-6)
     mean, std = fam.conditional(gpu["x"])
     torch.testing.assert_close(mean.cpu(), cpu["mean"], rtol=0, atol=1e-5)
+
+
+# --- exact references for bounded predictors (spec §6) ------------------------------------------
+
+def _conditional(cov: torch.Tensor, target: int, given: list[int]) -> tuple[torch.Tensor, float]:
+    """Regression weights and variance of z_target given z_given, by a direct Schur complement."""
+    if not given:
+        return torch.zeros(0, dtype=torch.float64), float(cov[target, target])
+    s_gg = cov[given][:, given]
+    s_tg = cov[target, given]
+    weights = torch.linalg.solve(s_gg, s_tg)
+    return weights, float(cov[target, target] - s_tg @ weights)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+@pytest.mark.parametrize("copies", [1, 64])
+def test_window_kl_equals_direct_schur_complements(kind, copies):
+    fam = GaussianFamily(3, kind, copies)
+    cov = fam.covariance
+    for k in (0, 1, 3, 16, 63):
+        expected = []
+        for i in range(fam.seq_len):
+            _, var_window = _conditional(cov, i, list(range(max(0, i - k), i)))
+            _, var_all = _conditional(cov, i, list(range(i)))
+            expected.append(copies * 0.5 * math.log(var_window / var_all))
+        torch.testing.assert_close(fam.window_kl(k), torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    assert float(fam.window_kl(63).abs().max()) == 0.0  # the whole past: the exact conditional
+
+
+def _inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values**-0.5) @ vectors.T
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+@pytest.mark.parametrize("split", [1, 5, 8, 13])
+def test_canonical_correlations_equal_svd_of_the_whitened_cross_covariance(kind, split):
+    fam = GaussianFamily(2, kind, copies=64)  # L = 16
+    cov = fam.covariance
+    whitened = _inverse_sqrt(cov[:split, :split]) @ cov[:split, split:] @ _inverse_sqrt(cov[split:, split:])
+    expected = torch.linalg.svdvals(whitened)
+    torch.testing.assert_close(fam.canonical_correlations(split), expected, rtol=1e-10, atol=1e-12)
+    # the whole spectrum gives back I_BP, per copy
+    i_bp = float(-0.5 * torch.log1p(-fam.canonical_correlations(split) ** 2).sum())
+    assert 64 * i_bp == pytest.approx(fam.bipartite_mi(split), rel=1e-10)
+
+
+def test_linear_state_bound_takes_the_largest_directions_of_all_copies_together():
+    one, many = GaussianFamily(3, copies=1), GaussianFamily(3, copies=3)
+    values = -0.5 * torch.log1p(-one.canonical_correlations() ** 2)  # descending
+    assert one.linear_state_bound(0) == pytest.approx(one.bipartite_mi(), rel=1e-12)
+    assert one.linear_state_bound(2) == pytest.approx(one.bipartite_mi() - float(values[:2].sum()), rel=1e-12)
+    # 3 copies share the spectrum: the 4 largest values of the union are v1, v1, v1, v2
+    assert many.linear_state_bound(4) == pytest.approx(many.bipartite_mi() - float(3 * values[0] + values[1]), rel=1e-12)
+    assert many.linear_state_bound(3 * 32) == 0.0 and one.linear_state_bound(10**6) == 0.0
+    bounds = [one.linear_state_bound(d) for d in range(12)]
+    assert all(a >= b for a, b in zip(bounds, bounds[1:]))
+
+
+def _gaussian_kl(mean_q, var_q, mean_p, var_p):
+    return 0.5 * torch.log(var_q / var_p) + (var_p + (mean_q - mean_p) ** 2) / (2 * var_q) - 0.5
+
+
+def test_exact_window_predictor_reaches_window_kl_on_samples():
+    fam = GaussianFamily(2, copies=1)  # L = 16
+    cov, k = fam.covariance, 2
+    z = fam.sample(20_000, torch.Generator().manual_seed(0))[:, 1:, 0].double()  # (N, L)
+    total = torch.zeros(z.shape[0], dtype=torch.float64)
+    for i in range(fam.seq_len):
+        w_window, var_window = _conditional(cov, i, list(range(max(0, i - k), i)))
+        w_all, var_all = _conditional(cov, i, list(range(i)))
+        mean_window = z[:, max(0, i - k) : i] @ w_window
+        mean_all = z[:, :i] @ w_all
+        total += _gaussian_kl(mean_window, torch.tensor(var_window), mean_all, torch.tensor(var_all))
+    assert float(total.mean()) == pytest.approx(float(fam.window_kl(k).sum()), abs=3 * float(total.std()) / 141)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_exact_predictor_through_the_top_canonical_directions_reaches_the_linear_state_bound(d):
+    # s = the d leading canonical variates of X = z_1..z_8; each y_i is predicted exactly from (s, y_<i).
+    fam = GaussianFamily(2, copies=1)  # L = 16, split 8
+    cov, split = fam.covariance, 8
+    u, _, _ = torch.linalg.svd(
+        _inverse_sqrt(cov[:split, :split]) @ cov[:split, split:] @ _inverse_sqrt(cov[split:, split:])
+    )
+    project = _inverse_sqrt(cov[:split, :split]) @ u[:, :d]  # s = project^T x
+    # joint covariance of (s, z): s is linear in z
+    lift = torch.cat([torch.cat([project.T, torch.zeros(d, fam.seq_len - split, dtype=torch.float64)], 1),
+                      torch.eye(fam.seq_len, dtype=torch.float64)])
+    joint = lift @ cov @ lift.T
+    z = fam.sample(20_000, torch.Generator().manual_seed(1))[:, 1:, 0].double()
+    v = torch.cat([z[:, :split] @ project, z], dim=1)
+    total = torch.zeros(z.shape[0], dtype=torch.float64)
+    for i in range(split, fam.seq_len):
+        given_state = list(range(d)) + [d + j for j in range(split, i)]
+        w_state, var_state = _conditional(joint, d + i, given_state)
+        w_all, var_all = _conditional(cov, i, list(range(i)))
+        total += _gaussian_kl(v[:, given_state] @ w_state, torch.tensor(var_state), z[:, :i] @ w_all, torch.tensor(var_all))
+    bound = fam.linear_state_bound(d, split)
+    assert 0 < bound < fam.bipartite_mi(split)
+    assert float(total.mean()) == pytest.approx(bound, abs=3 * float(total.std()) / 141)

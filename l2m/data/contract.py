@@ -26,6 +26,13 @@ class L2MData(Protocol):
     def nll_floor(self) -> Tensor | None:
         """(L,) exact H_p(W_i | W_<i) in nats per token, None where unknown; with it KL_i = NLL_i - floor_i."""
 
+    def window_kl(self, k: int) -> Tensor | None:
+        """(L,) exact KL_i of the best predictor that sees only the last k tokens, None where unknown."""
+
+    def state_bound(self, dim: int, split: int) -> float | None:
+        """Least KL over positions split+1..L of any predictor that keeps `dim` scalars of the first
+        `split` tokens (the linear-state form of the L²M bound), None where unknown."""
+
     def val_dataloader(self) -> Any:
         """The fixed held-out set (this DDP rank's share)."""
 
@@ -45,5 +52,5 @@ def check_data(datamodule: object) -> L2MData:
     return datamodule
 
 
-_METHODS = ("io_config", "bipartite_mi_half", "nll_floor", "val_dataloader",
+_METHODS = ("io_config", "bipartite_mi_half", "nll_floor", "window_kl", "state_bound", "val_dataloader",
             "on_before_batch_transfer", "on_after_batch_transfer")

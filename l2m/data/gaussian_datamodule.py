@@ -118,6 +118,14 @@ class GaussianDataModule(StreamDataModule):
         """(L,) float64: exact H_p(Z_i | Z_<i) in nats per token, summed over copies."""
         return self.family.conditional_entropy()
 
+    def window_kl(self, k: int) -> torch.Tensor:
+        """(L,) float64: exact KL_i of the best predictor that sees the last k tokens."""
+        return self.family.window_kl(k)
+
+    def state_bound(self, dim: int, split: int) -> float:
+        """Least KL over positions split+1..L of a predictor that keeps dim scalars, linear in z_1..z_split."""
+        return self.family.linear_state_bound(dim, split)
+
     # ---- noise: the only randomness; everything else is a deterministic function of it ----
 
     def train_noise(self, index: int, rank: int = 0) -> torch.Tensor:

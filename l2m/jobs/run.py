@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2m.data.contract import L2MData, check_data
+from l2m.evaluation import analyse_state
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.models import load_checkpoint
 from l2m.report.run import print_summary, write_outputs
@@ -216,10 +217,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     with expected_warnings_silenced():
         metrics = evaluate_heldout(model, datamodule, device)
-    initial = checkpoint.callbacks.get(PositionwiseCallback.__qualname__, {}).get("initial") or {}
+    analysis = analyse_state(metrics, model, datamodule, **_plain(cfg.analysis))
+    callback_state = checkpoint.callbacks.get(PositionwiseCallback.__qualname__, {})
     name = model_name(checkpoint.hparams["model"])
-    summary = {**run_summary(model, name, datamodule, metrics, checkpoint.step), **initial,
-               "ckpt_path": str(checkpoint.path)}
-    paths = write_outputs(run_dir, metrics, summary, title=summary["model"], smooth=cfg.smooth)
+    summary = run_summary(model, name, datamodule, metrics, checkpoint.step, analysis, callback_state.get("history"))
+    summary = {**summary, **(callback_state.get("initial") or {}), "ckpt_path": str(checkpoint.path)}
+    paths = write_outputs(run_dir, metrics, summary, analysis, title=name, smooth=cfg.smooth)
     print_summary(summary, {"plot": paths["plot"], "metrics": paths["summary"]})
     return summary

@@ -57,6 +57,11 @@ class SequenceModel(nn.Module):
         """dim(z): total scalars the step state holds after n_past tokens (batch 1)."""
         return sum(self.history_state_breakdown(n_past).values())
 
+    def bound_state_size(self, n_past: int) -> int:
+        """The part of dim(z) the capacity bound counts (the paper's Fig. 3c): every part but the
+        short-convolution window, i.e. the KV cache of attention or the recurrent SSM state."""
+        return sum(n for part, n in self.history_state_breakdown(n_past).items() if part != "conv")
+
     def num_params(self) -> int:
         """Trainable parameters, tied weights counted once."""
         return sum(p.numel() for p in self.parameters())

@@ -6,9 +6,11 @@ import math
 
 
 def format_number(value: object) -> str:
-    """4 significant digits for floats, thousands separators for ints, '-' for missing values."""
+    """4 significant digits for floats, thousands separators for ints, yes/no, '-' for missing values."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, int):

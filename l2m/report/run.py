@@ -13,37 +13,49 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from l2m.evaluation import Positionwise
+from l2m.evaluation import Positionwise, StateAnalysis
 from l2m.report.format import format_number
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "positionwise.csv", "summary.json", "positionwise.png"
 
 
-def positionwise_rows(metrics: Positionwise) -> tuple[list[str], list[list[float | int | None]]]:
-    """Columns and rows of the position-wise table (positions are 1-based)."""
+def positionwise_rows(
+    metrics: Positionwise, analysis: StateAnalysis | None = None
+) -> tuple[list[str], list[list[float | int | None]]]:
+    """Columns and rows of the position-wise table (positions are 1-based; None where a column is
+    not computed at that position, e.g. tail_bound off its grid of splits)."""
     curves = {"kl": metrics.kl, "nll": metrics.nll, "nll_floor": metrics.floor}
+    if analysis is not None:
+        curves |= {**analysis.references, "tail_kl": analysis.tail_kl, "tail_bound": analysis.tail_bound}
     columns = ["position"] + [name for name, curve in curves.items() if curve is not None]
-    rows = [
-        [i + 1] + [float(curves[name][i]) for name in columns[1:]] for i in range(len(metrics.nll))
-    ]
+
+    def value(x: torch.Tensor) -> float | None:
+        return None if torch.isnan(x) else float(x)
+
+    rows = [[i + 1] + [value(curves[name][i]) for name in columns[1:]] for i in range(len(metrics.nll))]
     return columns, rows
 
 
 def write_outputs(
-    run_dir: str | Path, metrics: Positionwise, summary: Mapping, title: str = "", smooth: int = 5
+    run_dir: str | Path,
+    metrics: Positionwise,
+    summary: Mapping,
+    analysis: StateAnalysis | None = None,
+    title: str = "",
+    smooth: int = 5,
 ) -> dict[str, Path]:
     """Write the CSV, the JSON summary and the plot; return their paths."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": run_dir / CSV_NAME, "summary": run_dir / SUMMARY_NAME, "plot": run_dir / PLOT_NAME}
-    columns, rows = positionwise_rows(metrics)
+    columns, rows = positionwise_rows(metrics, analysis)
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
     with open(paths["summary"], "w") as f:
         json.dump(dict(summary), f, indent=2, sort_keys=True)
-    plot_positionwise(metrics, paths["plot"], title=title, smooth=smooth)
+    plot_positionwise(metrics, paths["plot"], analysis, title=title, smooth=smooth)
     return paths
 
 
@@ -58,17 +70,27 @@ def moving_average(curve: torch.Tensor, window: int) -> torch.Tensor:
     return (sums / counts).view(-1)[: len(curve)]
 
 
-def plot_positionwise(metrics: Positionwise, path: str | Path, title: str = "", smooth: int = 5) -> None:
-    """Log-axis plot of KL_i (where defined) and NLL_i with the exact floor, lightly smoothed."""
+def plot_positionwise(
+    metrics: Positionwise, path: str | Path, analysis: StateAnalysis | None = None, title: str = "", smooth: int = 5
+) -> None:
+    """Log-axis plot of KL_i (with the exact window references, where known) and NLL_i (with the
+    exact floor), lightly smoothed; and, where known, the tail KL against the linear-state bound."""
     positions = torch.arange(1, len(metrics.nll) + 1)
-    panels = [("KL$_i$ (nats/token)", metrics.kl, None)] if metrics.kl is not None else []
-    panels.append(("NLL$_i$ (nats/token)", metrics.nll, metrics.floor))
-    fig = Figure(figsize=(5.5 * len(panels), 4))  # not pyplot: leaves the caller's backend alone
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (label, curve, floor) in zip(axes[0], panels):
+    references = analysis.references if analysis is not None else {}
+    panels = [("KL$_i$ (nats/token)", metrics.kl, None, references)] if metrics.kl is not None else []
+    panels.append(("NLL$_i$ (nats/token)", metrics.nll, metrics.floor, {}))
+    n_panels = len(panels) + (analysis is not None)
+    fig = Figure(figsize=(5.5 * n_panels, 4))  # not pyplot: leaves the caller's backend alone
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    for ax, (label, curve, floor, refs) in zip(axes, panels):
         ax.plot(positions, moving_average(curve, smooth), label=f"model (window {smooth})")
         if floor is not None:  # smoothed alike, so the smoothed NLL (= KL + floor) never dips below it
             ax.plot(positions, moving_average(floor, smooth), "k--", lw=1, label="exact floor $H_p(W_i|W_{<i})$")
+        for i, (name, ref) in enumerate(refs.items()):
+            label_ref = "no context" if name == "kl_nocontext" else f"best window {name.removeprefix('kl_window')}"
+            smoothed = moving_average(ref, smooth)
+            smoothed[smoothed <= 0] = float("nan")  # a window that holds the whole past: KL 0, off a log axis
+            ax.plot(positions, smoothed, ls=":", lw=1.2, color=f"C{i + 2}", label=f"exact: {label_ref}")
         ax.set_xscale("log")
         # NLL of a continuous token can be negative: a log y-axis only where the curve is positive.
         if bool((curve > 0).all()) and (floor is None or bool((floor > 0).all())):
@@ -76,7 +98,18 @@ def plot_positionwise(metrics: Positionwise, path: str | Path, title: str = "", 
         ax.set_xlabel("position i")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
+    if analysis is not None:
+        ax = axes[-1]
+        on_grid = ~torch.isnan(analysis.tail_bound)
+        ax.plot(positions, analysis.tail_kl, label="model: $\\sum_{j>i}$ KL$_j$")
+        ax.plot(positions[on_grid], analysis.tail_bound[on_grid], "ko--", ms=3, lw=1,
+                label="linear-state bound for the model's state")
+        ax.set_xscale("log")
+        ax.set_xlabel("split i")
+        ax.set_ylabel("KL of positions after i (nats)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -89,15 +122,23 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
 
     keys = ["model", "params", "seq_len", "dim_z_half", "i_bp_half", "ratio"]
     if summary.get("avg_kl") is not None:
-        keys += ["initial_avg_kl", "avg_kl", "kl_first_quarter", "kl_last_quarter"]
+        keys += ["initial_avg_kl", "avg_kl", "avg_kl_se", "kl_first_quarter", "kl_last_quarter"]
     else:
-        keys += ["initial_avg_nll", "avg_nll", "nll_first_quarter", "nll_last_quarter"]
+        keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
+    keys += [key for key in ("effective_context", "tail_kl_half", "bound_half", "state_limited", "training_limited",
+                             "still_falling") if key in summary]
     labels = {
         "params": "parameters",
         "seq_len": "L",
         "dim_z_half": "dim(z_{L/2})",
         "i_bp_half": "I_BP(L/2;L) \\[nats]",  # escaped: rich reads a bare [nats] as markup and drops it
         "ratio": "I_BP / dim(z)",
+        "avg_kl_se": "avg_kl SE (sequences)",
+        "avg_nll_se": "avg_nll SE (sequences)",
+        "effective_context": "effective context (tokens)",
+        "tail_kl_half": "KL after L/2 (sum)",
+        "bound_half": "linear-state bound after L/2",
+        "still_falling": "still improving (last 20%)",
     }
     table = Table(title="L²M run summary (nats; KL and NLL per token)")
     table.add_column("quantity")

@@ -15,7 +15,7 @@ import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from l2m.evaluation import Positionwise, evaluate_positionwise
+from l2m.evaluation import Positionwise, StateAnalysis, analyse_state, convergence, evaluate_positionwise
 from l2m.report.run import positionwise_rows, write_outputs
 
 
@@ -61,8 +61,21 @@ class HistoryStateCallback(L.Callback):
         log_summary(trainer, history_state_summary(pl_module.model, trainer.datamodule))
 
 
-def run_summary(model: Any, model_name: str, datamodule: Any, metrics: Positionwise, step: int) -> dict[str, Any]:
-    """Everything summary.json holds, apart from the initial (before-training) averages."""
+def run_summary(
+    model: Any,
+    model_name: str,
+    datamodule: Any,
+    metrics: Positionwise,
+    step: int,
+    analysis: StateAnalysis | None = None,
+    history: list | None = None,
+) -> dict[str, Any]:
+    """Everything summary.json holds, apart from the initial (before-training) averages.
+
+    history: the periodic held-out evaluations [(step, avg_kl or avg_nll), ...]; gives the
+    convergence entries (slope over the last 20% of steps) and the learning curve.
+    """
+    history = [tuple(point) for point in history or []]
     return {
         "model": model_name,
         "task": datamodule.task,
@@ -71,6 +84,9 @@ def run_summary(model: Any, model_name: str, datamodule: Any, metrics: Positionw
         "step": int(step),
         **history_state_summary(model, datamodule),
         **metrics.summary(),
+        **(analysis.summary if analysis is not None else {}),
+        **convergence(history),
+        "heldout_history": [list(point) for point in history],
     }
 
 
@@ -88,24 +104,36 @@ class PositionwiseCallback(L.Callback):
     """Position-wise KL_i / NLL_i on the datamodule's fixed held-out set.
 
     Measured before the first step (`initial_avg_kl`, kept across resumes), every
-    `every_n_steps` steps (0: never) and at the end of training, when it writes positionwise.csv,
-    summary.json and positionwise.png to `out_dir` and logs the plot and table to W&B.
+    `every_n_steps` steps (None: 20 times over the run; 0: never) and at the end of training,
+    when it holds the model against the data's exact references (`analysis`: keyword arguments of
+    l2m.evaluation.analyse_state) and writes positionwise.csv, summary.json and positionwise.png
+    to `out_dir`, and logs the plot and table to W&B.
     """
 
-    def __init__(self, out_dir: str | Path, every_n_steps: int = 0, smooth: int = 5):
+    def __init__(self, out_dir: str | Path, every_n_steps: int | None = None, smooth: int = 5,
+                 analysis: Mapping[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.smooth = smooth
+        self.analysis = dict(analysis or {})
         self.initial: dict[str, float | None] | None = None
+        self.history: list[tuple[int, float]] = []  # (step, held-out avg KL, or NLL where KL is unknown)
         self.summary: dict[str, Any] | None = None
-        self._last_step = -1
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Positionwise:
         metrics = evaluate_heldout(pl_module.model, trainer.datamodule, pl_module.device)
         averages = {f"val/{k}": v for k, v in metrics.summary().items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(averages, step=trainer.global_step)
+        headline = averages.get("val/avg_kl", averages["val/avg_nll"])
+        if not self.history or self.history[-1][0] != trainer.global_step:
+            self.history.append((trainer.global_step, headline))
         return metrics
+
+    def _interval(self, trainer: L.Trainer) -> int:
+        if self.every_n_steps is not None:
+            return self.every_n_steps
+        return max(1, (trainer.max_steps or 0) // 20)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial is None:  # restored from the checkpoint when resuming
@@ -113,27 +141,30 @@ class PositionwiseCallback(L.Callback):
             self.initial = {"initial_avg_kl": averages["avg_kl"], "initial_avg_nll": averages["avg_nll"]}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+        interval = self._interval(trainer)
+        if interval and trainer.global_step % interval == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = self._evaluate(trainer, pl_module)
-        summary = run_summary(pl_module.model, model_name(pl_module.hparams["model"]), trainer.datamodule, metrics, trainer.global_step)
+        data, model = trainer.datamodule, pl_module.model
+        analysis = analyse_state(metrics, model, data, **self.analysis)
+        name = model_name(pl_module.hparams["model"])
+        summary = run_summary(model, name, data, metrics, trainer.global_step, analysis, self.history)
         self.summary = {**summary, **self.initial}
         if not trainer.is_global_zero:
             return
-        paths = write_outputs(self.out_dir, metrics, self.summary, title=self.summary["model"], smooth=self.smooth)
+        paths = write_outputs(self.out_dir, metrics, self.summary, analysis, title=name, smooth=self.smooth)
         log_summary(trainer, self.summary)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                columns, rows = positionwise_rows(metrics)
+                columns, rows = positionwise_rows(metrics, analysis)
                 logger.log_table("positionwise/table", columns=columns, data=rows)
                 logger.log_image("positionwise/plot", images=[str(paths["plot"])])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial}
+        return {"initial": self.initial, "history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict["initial"]
+        self.history = [tuple(point) for point in state_dict.get("history", [])]

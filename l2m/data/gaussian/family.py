@@ -142,6 +142,54 @@ def _cholesky(levels: int, kind: str) -> torch.Tensor:
     return torch.linalg.cholesky(cov)
 
 
+_WINDOW_VARIANCES: dict[tuple[int, str], torch.Tensor] = {}  # the widest computed per family
+
+
+def _window_variances(levels: int, kind: str, max_window: int) -> torch.Tensor:
+    """(L, max_window + 1) float64: Var(z_i | the last k tokens) for k = 0..max_window (one copy),
+    cut from the widest table computed so far for this family."""
+    cached = _WINDOW_VARIANCES.get((levels, kind))
+    if cached is None or cached.shape[1] <= max_window:
+        cached = _WINDOW_VARIANCES[(levels, kind)] = _compute_window_variances(levels, kind, max_window)
+    return cached[:, : max_window + 1]
+
+
+def _compute_window_variances(levels: int, kind: str, max_window: int) -> torch.Tensor:
+    """Var(z_i | the last k tokens) for k = 0..max_window, (L, max_window + 1) (one copy).
+
+    For each position, the Cholesky factor C of the covariance of its past in reverse order
+    (z_{i−1}, z_{i−2}, ...) whitens the past nearest-first, so w = C⁻¹ Cov(past, z_i) gives every
+    window at once: Var(z_i | last k) = 1 − Σ_{j≤k} w_j². Positions with a shorter past pad it with
+    independent unit variables (w_j = 0 there). Cost L·K³/3 flops for K = max_window, in chunks
+    of positions that keep each batch of K×K blocks near 64 MB.
+    """
+    cov = _covariance(levels, kind)
+    seq_len, k = cov.shape[0], max_window
+    padded = torch.eye(seq_len + k, dtype=torch.float64)  # k independent unit variables first
+    padded[k:, k:] = cov
+    out = torch.empty(seq_len, k + 1, dtype=torch.float64)
+    chunk = max(1, (64 << 20) // (8 * max(k, 1) ** 2))
+    for start in range(0, seq_len, chunk):
+        i = torch.arange(start, min(start + chunk, seq_len)) + k  # positions in the padded matrix
+        past = i[:, None] - 1 - torch.arange(k)  # (n, k): nearest first
+        blocks = padded[past[:, :, None], past[:, None, :]]  # (n, k, k)
+        cross = padded[past, i[:, None]]  # (n, k)
+        w = torch.linalg.solve_triangular(torch.linalg.cholesky(blocks), cross[..., None], upper=False)[..., 0]
+        out[start : start + len(i), 0] = 1.0
+        out[start : start + len(i), 1:] = 1.0 - torch.cumsum(w**2, dim=1)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical_correlations(levels: int, kind: str, split: int) -> torch.Tensor:
+    cov = _covariance(levels, kind)
+    left = _cholesky(levels, kind)[:split, :split]  # the leading block of R factors Σ_XX
+    right = torch.linalg.cholesky(cov[split:, split:])
+    whitened = torch.linalg.solve_triangular(left, cov[:split, split:], upper=False)  # L_X⁻¹ Σ_XY
+    whitened = torch.linalg.solve_triangular(right, whitened.T, upper=False).T  # ... L_Y⁻ᵀ
+    return torch.linalg.svdvals(whitened).clamp(max=1.0 - 1e-15)
+
+
 class GaussianFamily:
     """`copies` independent copies of the sub-volume (or log) Gaussian sequence of length 4**levels.
 
@@ -204,6 +252,38 @@ class GaussianFamily:
             raise ValueError(f"i and j must differ (the MI of a variable with itself is infinite), got {i}")
         rho = float(self.covariance[i - 1, j - 1])
         return self.copies * -0.5 * math.log1p(-rho * rho)
+
+    # ---- exact references for bounded predictors (spec §6) ----
+
+    def window_kl(self, k: int) -> torch.Tensor:
+        """(L,) float64: expected KL_i, nats summed over copies, of the best predictor of z_i that
+        sees only the last k tokens (k = 0: none): ½ log(σ²_{i | last k} / σ²_{i | all past}) per
+        copy. The exact floor of a sliding-window model of window k. Cost: L·k³/3 flops."""
+        check_int("k", k, 0, self.seq_len - 1)
+        variances = _window_variances(self.levels, self.kind, k)[:, k]
+        kl = (self.copies * 0.5 * (variances.log() - 2 * self.conditional_std.log())).clamp(min=0.0)
+        kl[: k + 1] = 0.0  # positions whose whole past fits in the window: exactly 0, not rounding
+        return kl
+
+    def canonical_correlations(self, split: int | None = None) -> torch.Tensor:
+        """Canonical correlations ρ_1 ≥ ρ_2 ≥ ... (float64) between X = z_1..z_split and
+        Y = z_split+1..z_L of one copy (default split L/2): −½ Σ log(1 − ρ²) = I_BP(split; L) per copy."""
+        split = self.seq_len // 2 if split is None else check_int("split", split, 1, self.seq_len - 1)
+        return _canonical_correlations(self.levels, self.kind, split)
+
+    def linear_state_bound(self, d: int, split: int | None = None) -> float:
+        """Least expected KL, summed over positions split+1..L and over copies (default split L/2),
+        of any predictor whose only access to X = z_1..z_split is a d-dimensional linear function of
+        X: I_BP(split; L) minus the d largest −½ log(1 − ρ²) of all copies' spectra together.
+
+        The exact Gaussian form of the L²M capacity bound for a state of d scalars. A nonlinear
+        state (Mamba's is linear in its inputs only given its input-dependent gates) is not strictly
+        held to it: it is what a state of that size can carry linearly.
+        """
+        check_int("d", d, 0)
+        per_direction = -0.5 * torch.log1p(-self.canonical_correlations(split) ** 2)  # descending
+        carried = per_direction.repeat_interleave(self.copies)[:d].sum()  # every copy has the spectrum
+        return max(float(self.copies * per_direction.sum() - carried), 0.0)  # rounding aside, ≥ 0
 
     def conditional_entropy(self) -> torch.Tensor:
         """(L,) float64: H(Z_i | Z_<i) = ½ log(2πe σ_i²) summed over copies — the NLL floor."""

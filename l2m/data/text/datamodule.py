@@ -163,6 +163,12 @@ class TextDataModule(StreamDataModule):
     def nll_floor(self) -> None:
         return None
 
+    def window_kl(self, k: int) -> None:
+        return None  # no exact references for natural text
+
+    def state_bound(self, dim: int, split: int) -> None:
+        return None
+
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Raise ValueError if the model (e.g. from a checkpoint) cannot read this data's tokens."""
         check_vocab(self.tokenizer.vocab_size, model_vocab_size, f"tokenizer {self.tokenizer.name!r}")
