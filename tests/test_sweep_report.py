@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO, run_script
 from l2m.data.gaussian import GaussianFamily
@@ -82,3 +84,71 @@ def test_bad_input_gives_a_clear_error(multirun, tmp_path):
     result = run_sweep(str(text_run.parent), str(multirun), "--out", str(tmp_path / "mixed"))
     assert result.returncode == 0, result.stderr
     assert len(read_rows(tmp_path / "mixed" / "sweep.csv")) == 4 and "skipped 1 summaries" in result.stdout
+
+
+def test_the_report_of_real_runs_has_its_figures_table_and_references(multirun, tmp_path):
+    result = run_sweep(str(multirun), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    for figure in ("sweep.png", "positionwise_L16.png", "positionwise_L64.png", "learning_curves.png"):
+        assert f"]({figure})" in report and (tmp_path / figure).stat().st_size > 10_000, figure
+    runs_table = report.split("## Collapse")[0]
+    assert runs_table.count("\n| gpt |") == runs_table.count("\n| mamba |") == 2  # one series per architecture
+    # the table in the terminal holds every column, however narrow the terminal
+    assert "| state-limited | training-limited | converged |" in result.stdout
+
+
+def make_run(root: Path, name: str, model: dict, summary: dict, seed: int = 0, levels: int = 2, copies: int = 4):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = {"model": model, "data": {"levels": levels, "copies": copies, "kind": "subvolume", "seed": 0},
+              "seed": seed, "run_dir": str(run_dir)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    base = {"model": model.get("name", model["arch"]), "seq_len": 4**levels, "step": 100, "params": 1000,
+            "dim_z_half": summary["dim_z"], "dim_z_half_bound": summary["dim_z"], "i_bp_half": 10.0}
+    (run_dir / "summary.json").write_text(json.dumps({**base, **summary}))
+    return run_dir
+
+
+def test_collapse_metric_seeds_series_and_crashed_runs_on_runs_whose_answer_is_known(tmp_path):
+    # Mamba runs built to collapse: avg KL = 0.3 * (I_BP / dim z)^0.7 exactly, over 3 lengths and 3 states.
+    # GPT runs built not to: their KL follows L and not the ratio.
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for levels in (2, 3, 4):
+        for d_state in (1, 4, 16):
+            dim_z = 64 * d_state
+            ratio = 10.0 * levels / dim_z
+            make_run(root, f"mamba-{levels}-{d_state}", {"name": "tiny-mamba", "arch": "mamba", "d_state": d_state},
+                     {"dim_z": dim_z, "i_bp_half": 10.0 * levels, "avg_kl": 0.3 * ratio**0.7}, levels=levels)
+            make_run(root, f"gpt-{levels}-{d_state}", {"name": "tiny-gpt", "arch": "gpt", "n_layer": d_state},
+                     {"dim_z": 50 * d_state * 4**levels, "i_bp_half": 10.0 * levels,
+                      "avg_kl": 0.01 * 4**levels * float(rng.uniform(0.9, 1.1))}, levels=levels)
+    # two seeds of one configuration, and a run that crashed at step 40
+    make_run(root, "seed-a", {"name": "tiny-mamba2", "arch": "mamba2"}, {"dim_z": 100, "avg_kl": 1.0}, seed=1)
+    make_run(root, "seed-b", {"name": "tiny-mamba2", "arch": "mamba2"}, {"dim_z": 100, "avg_kl": 2.0}, seed=2)
+    crashed = root / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    (crashed / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "mamba"}}))
+    (crashed / "checkpoints" / "step40.ckpt").write_bytes(b"")
+    (crashed / "train.log").write_text("starting\nRuntimeError: CUDA out of memory\n\n")
+
+    result = run_sweep(str(root), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(tmp_path / "report" / "sweep.csv")
+    series = {r["series"] for r in rows}
+    assert {"mamba d_state=1", "mamba d_state=4", "mamba d_state=16", "gpt n_layer=1", "gpt n_layer=4",
+            "gpt n_layer=16", "mamba2"} == series
+    (seeds,) = [r for r in rows if r["series"] == "mamba2"]
+    assert int(seeds["seeds"]) == 2 and float(seeds["avg_kl"]) == 1.5
+    assert float(seeds["avg_kl_spread"]) == pytest.approx(np.std([1.0, 2.0], ddof=1))
+    assert len(rows) == 9 + 9 + 1  # only the two mamba2 seeds are merged
+    stdout = result.stdout
+    mamba_line = next(line for line in stdout.splitlines() if line.startswith("collapse mamba:"))
+    gpt_line = next(line for line in stdout.splitlines() if line.startswith("collapse gpt:"))
+    assert "R² on log ratio 1," in mamba_line  # exactly a power law of the ratio
+    r2_ratio_gpt = float(gpt_line.split("R² on log ratio ")[1].split(",")[0])
+    r2_length_gpt = float(gpt_line.split("on log L ")[1].split(",")[0])
+    assert r2_ratio_gpt < 0.5 < r2_length_gpt
+    assert f"`{crashed}`: crashed or unfinished, last checkpoint step 40; last log line: RuntimeError: CUDA out of memory" in stdout
+    assert "crashed or unfinished" in (tmp_path / "report" / "report.md").read_text()

@@ -1,139 +1,467 @@
-"""Sweep report: the paper's Fig. 3c from the summary.json files of many runs.
+"""Sweep report: is the history state what limits these models? (the paper's Fig. 3 and more)
 
     python -m l2m.sweep multirun/<date>/<time> [more run or multirun dirs] [--out DIR] [--state ssm|total]
 
-Writes sweep.csv (one row per run) and sweep.png: average KL against I_BP(L/2; L) / dim(z) on
-log-log axes (where runs of all sizes and lengths should fall onto one curve), next to KL against L.
-Reads only the files train.py leaves in each run directory, so it needs neither the logger nor
-Lightning (l2m.training would import it), and works on runs copied off the training machines.
+Reads only the files train.py leaves in each run directory (config.yaml, summary.json,
+positionwise.csv, checkpoints/, the job log), so it needs neither the logger nor Lightning and
+works on runs copied off the training machines. Writes to --out:
+
+* sweep.csv: one row per run (runs that differ only in their seeds: one row, averaged, with the
+  spread); report.md: the table and the figures, with crashed or unfinished runs listed;
+* sweep.png: (a) average KL against L per series, with the exact best window-k predictors;
+  (b) KL against I_BP(L/2; L) / dim(z) per architecture, where runs limited by their state
+  collapse onto one curve, with the collapse metric (R² of log KL on log ratio, beside R² on
+  log L and on both); (c) the KL after L/2 against its linear-state bound (on the diagonal:
+  state-limited);
+* positionwise_L<L>.png: position-wise KL of every run of that L with the exact references;
+* learning_curves.png: held-out KL during training.
+
+A series is one resolved model config: its architecture and every field that varies within the
+sweep (d_state, d_model, n_layer, ...), labelled with those fields, not with the preset name.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from l2m.report.format import format_number
 
-COLUMNS = ["run_dir", "model", "params", "seq_len", "dim_z", "i_bp_half", "ratio",
-           "avg_kl", "kl_first_quarter", "kl_last_quarter", "initial_avg_kl"]
+COLUMNS = [
+    "run_dir", "series", "model", "arch", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
+    "dim_z_total", "i_bp_half", "ratio", "avg_kl", "avg_kl_se", "avg_kl_spread", "avg_kl_per_copy",
+    "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "tail_kl_half", "bound_half",
+    "state_limited", "training_limited", "converged",
+]
 NEEDED = ["model", "seq_len", "dim_z_half", "i_bp_half", "avg_kl"]
-# History-state parts that count for --state ssm: the recurrent SSM state (what the paper's Fig. 3c
-# uses for Mamba) and the KV cache (a transformer's whole state); the short-conv window does not.
+# History-state parts that count for --state ssm in summaries written before dim_z_half_bound existed.
 SSM_PARTS = ("ssm", "kv")
+# Settings that tell apart runs of one configuration, not the configuration.
+SEED_KEYS = ("seed", "data.seed")
+NOT_CONFIG = ("run_dir", "ckpt_path")
+WINDOWS = (0, 1, 4, 16)  # exact references drawn in the figures (0: no context)
 
 
-def find_summaries(dirs: list[str | Path]) -> list[Path]:
-    """Every summary.json under each directory (recursively); each directory must hold one."""
-    found = []
+@dataclass
+class RunRecord:
+    """One run directory: its summary where it finished, its resolved config, how far it got."""
+
+    run_dir: Path
+    summary: dict | None
+    config: dict | None
+    last_step: int | None = None
+    last_log_line: str = ""
+    history: list = field(default_factory=list)
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:  # e.g. a run killed while writing it
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def _last_step(run_dir: Path) -> int | None:
+    steps = [int(p.stem[4:]) for p in (run_dir / "checkpoints").glob("step*.ckpt") if p.stem[4:].isdigit()]
+    return max(steps) if steps else None
+
+
+def _last_log_line(run_dir: Path) -> str:
+    for log in sorted(run_dir.glob("*.log")):
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+def find_runs(dirs: list[str | Path]) -> list[RunRecord]:
+    """Every run directory under each directory (one with summary.json or config.yaml); each
+    directory must hold at least one."""
+    found: dict[Path, RunRecord] = {}
     for d in map(Path, dirs):
-        paths = sorted(d.rglob("summary.json")) if d.is_dir() else []
-        if not paths:
+        marks = [p for name in ("summary.json", "config.yaml") for p in (d.rglob(name) if d.is_dir() else [])
+                 if ".hydra" not in p.parts]
+        if not marks:
             raise FileNotFoundError(
                 f"no summary.json under {d}: point at a run or multirun directory written by train.py "
                 "(e.g. multirun/<date>/<time>)"
             )
-        found += paths
-    return sorted(set(found))
+        for run_dir in sorted({p.parent for p in marks}):
+            summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+            summary = _read_json(summary_path) if summary_path.exists() else None
+            config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+            found[run_dir] = RunRecord(run_dir, summary, config, _last_step(run_dir), _last_log_line(run_dir),
+                                       (summary or {}).get("heldout_history", []))
+    return [found[k] for k in sorted(found)]
 
 
 def state_dim(summary: dict, state: str) -> int | None:
-    """dim(z_{L/2}) as the plot uses it; None when the summary does not say."""
+    """dim(z_{L/2}) as the report uses it; None when the summary does not say."""
     if state == "total":
         return summary["dim_z_half"]
+    if summary.get("dim_z_half_bound") is not None:
+        return summary["dim_z_half_bound"]
     parts = [summary[f"dim_z_half_{p}"] for p in SSM_PARTS if summary.get(f"dim_z_half_{p}") is not None]
     return sum(parts) if parts else None
 
 
-def sweep_rows(paths: list[Path], state: str = "ssm") -> tuple[list[dict], int]:
-    """One row per usable run, sorted by model and L, and the number of summaries skipped
-    (text runs have no I_BP or KL; older summaries may lack the state parts)."""
-    rows, skipped = [], 0
-    for path in paths:
-        try:
-            s = json.loads(path.read_text())
-        except json.JSONDecodeError as error:  # e.g. a run killed while writing it
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
+def _model_config(record: RunRecord) -> dict:
+    if record.config and isinstance(record.config.get("model"), dict):
+        return {k: v for k, v in record.config["model"].items() if k != "name"}
+    return {"model": record.summary["model"]}
+
+
+def _data_config(record: RunRecord) -> dict:
+    return dict(record.config.get("data") or {}) if record.config else {}
+
+
+def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict], int]:
+    """One row per finished Gaussian run, sorted by series and L, and the number of summaries
+    skipped (text runs have no I_BP or KL; older summaries may lack the state parts)."""
+    usable = []
+    skipped = 0
+    for record in records:
+        s = record.summary
+        if s is None:
+            continue
         dim_z = state_dim(s, state) if all(s.get(k) is not None for k in NEEDED) else None
         if not dim_z:
             skipped += 1
             continue
+        usable.append((record, dim_z))
+    configs = [_model_config(r) for r, _ in usable]
+    rows = []
+    for (record, dim_z), config in zip(usable, configs):
+        s = record.summary
+        fields = {k: config[k] for k in _varying(configs, config.get("arch")) if k in config}
+        arch = config.get("arch", s["model"])
+        copies = _data_config(record).get("copies")
         rows.append({
-            **{k: s.get(k) for k in COLUMNS},
-            "run_dir": str(path.parent),
+            "run_dir": str(record.run_dir),
+            "series": " ".join([str(arch)] + [f"{k}={v}" for k, v in fields.items()]) if config.get("arch") else s["model"],
+            "model": s["model"],
+            "arch": arch,
+            "params": s.get("params"),
+            "varying": " ".join(f"{k}={v}" for k, v in fields.items()),
+            "seq_len": s["seq_len"],
+            "copies": copies,
+            "steps": s.get("step"),
+            "seeds": 1,
             "dim_z": dim_z,
+            "dim_z_total": s["dim_z_half"],
+            "i_bp_half": s["i_bp_half"],
             "ratio": s["i_bp_half"] / dim_z,
+            "avg_kl": s["avg_kl"],
+            "avg_kl_se": s.get("avg_kl_se"),
+            "avg_kl_spread": None,
+            "avg_kl_per_copy": s["avg_kl"] / copies if copies else None,
+            "kl_first_quarter": s.get("kl_first_quarter"),
+            "kl_last_quarter": s.get("kl_last_quarter"),
+            "initial_avg_kl": s.get("initial_avg_kl"),
+            "effective_context": s.get("effective_context"),
+            "tail_kl_half": s.get("tail_kl_half"),
+            "bound_half": s.get("bound_half"),
+            "state_limited": s.get("state_limited"),
+            "training_limited": s.get("training_limited"),
+            "converged": None if s.get("still_falling") is None else not s["still_falling"],
+            "_group": _seedless(record),
+            "_data": _data_config(record),
+            "_history": record.history,
         })
-    rows.sort(key=lambda r: (r["model"], r["seq_len"], r["run_dir"]))
-    return rows, skipped
+    rows.sort(key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
+    return average_seeds(rows), skipped
+
+
+def _varying(configs: list[dict], arch: str | None) -> list[str]:
+    """The model fields that take more than one value among the sweep's runs of this architecture."""
+    same_arch = [c for c in configs if c.get("arch") == arch]
+    keys = {k for c in same_arch for k in c} - {"arch", "model"}
+    return sorted(k for k in keys if len({json.dumps(c.get(k)) for c in same_arch}) > 1)
+
+
+def _seedless(record: RunRecord) -> str:
+    """The run's configuration without its seeds: runs with equal keys differ only in seed."""
+    if not record.config:
+        return str(record.run_dir)
+    flat = _flatten(record.config)
+    return json.dumps({k: v for k, v in flat.items() if k not in SEED_KEYS + NOT_CONFIG}, sort_keys=True, default=str)
+
+
+def average_seeds(rows: list[dict]) -> list[dict]:
+    """Rows of runs that differ only in their seeds merged into one: numbers averaged, the spread
+    (SD over seeds) of avg_kl kept, verdicts kept where all seeds agree."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["_group"]].append(row)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        row = dict(group[0])
+        for key in COLUMNS:
+            values = [r[key] for r in group]
+            if all(isinstance(v, bool) for v in values):
+                row[key] = values[0] if len(set(values)) == 1 else None
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = statistics.fmean(values)
+        row["seeds"] = len(group)
+        row["avg_kl_spread"] = statistics.stdev(r["avg_kl"] for r in group)
+        row["run_dir"] = ";".join(r["run_dir"] for r in group)
+        merged.append(row)
+    return sorted(merged, key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
+
+
+def _r_squared(y: np.ndarray, *regressors: np.ndarray) -> float | None:
+    design = np.stack([np.ones_like(y), *regressors], axis=1)
+    if y.size <= design.shape[1] or np.ptp(y) == 0 or any(np.ptp(x) == 0 for x in regressors):
+        return None
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ coef
+    return float(1 - residual @ residual / np.sum((y - y.mean()) ** 2))
+
+
+def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
+    """Per architecture: how well log KL is explained by log(I_BP / dim z) (the collapse of Fig. 3c),
+    by log L, and by both. A family limited by its state collapses: R² on the ratio near 1."""
+    out = {}
+    for arch in sorted({r["arch"] for r in rows}):
+        runs = [r for r in rows if r["arch"] == arch and r["avg_kl"] > 0]
+        y = np.log([r["avg_kl"] for r in runs])
+        ratio = np.log([r["ratio"] for r in runs])
+        length = np.log([r["seq_len"] for r in runs])
+        out[arch] = {
+            "runs": len(runs),
+            "r2_ratio": _r_squared(y, ratio),
+            "r2_length": _r_squared(y, length),
+            "r2_joint": _r_squared(y, ratio, length),
+        }
+    return out
+
+
+def window_references(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """Average KL of the exact best window-k predictors for every (kind, copies, L) in the sweep."""
+    from l2m.data.gaussian import GaussianFamily  # torch: only for the references
+
+    refs = {}
+    for row in rows:
+        data = row["_data"]
+        if not data.get("copies") or "levels" not in data:
+            continue
+        key = (data.get("kind", "subvolume"), data["copies"], row["seq_len"])
+        if key not in refs:
+            family = GaussianFamily(int(math.log(row["seq_len"], 4) + 0.5), key[0], key[1])
+            refs[key] = {k: float(family.window_kl(k).mean()) for k in WINDOWS if k < row["seq_len"]}
+    return refs
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def plot_sweep(rows: list[dict], path: Path, state: str = "ssm") -> None:
-    """Left: avg KL vs I_BP / dim(z), points labelled with L (Fig. 3c). Right: avg KL vs L."""
-    fig = Figure(figsize=(11, 4.5))  # not pyplot: leaves the caller's backend alone
-    ax_ratio, ax_len = fig.subplots(1, 2)
+def _log_axes(*axes) -> None:
+    # Short labels on the log axes: their ranges often span less than a decade, where matplotlib
+    # labels minor ticks too and its a×10^b form crowds them.
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+                axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(0.1)
+
+
+def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict | None = None,
+               references: dict | None = None) -> None:
+    """(a) KL vs L per series with window references, (b) KL vs I_BP / dim(z) per architecture with
+    the collapse metric, (c) tail KL after L/2 vs its linear-state bound."""
+    fig = Figure(figsize=(16, 4.8))  # not pyplot: leaves the caller's backend alone
+    ax_len, ax_ratio, ax_bound = fig.subplots(1, 3)
     markers = "osD^vP*Xh<>"
-    for i, model in enumerate(sorted({r["model"] for r in rows})):
-        runs = [r for r in rows if r["model"] == model]
-        style = dict(marker=markers[i % len(markers)], color=f"C{i}", label=model, lw=1, ms=6)
-        # Points only on the left: what matters is the collapse across models, not an order in L.
-        ax_ratio.plot([r["ratio"] for r in runs], [r["avg_kl"] for r in runs], ls="none", **style)
-        ax_len.plot([r["seq_len"] for r in runs], [r["avg_kl"] for r in runs], **style)
+    positive = all(r["avg_kl"] > 0 for r in rows)
+    for i, series in enumerate(sorted({r["series"] for r in rows})):
+        runs = [r for r in rows if r["series"] == series]
+        style = dict(marker=markers[i % len(markers)], color=f"C{i % 10}", label=series, ms=6)
+        spread = [r["avg_kl_spread"] or 0.0 for r in runs]
+        ax_len.errorbar([r["seq_len"] for r in runs], [r["avg_kl"] for r in runs], yerr=spread, lw=1, capsize=2, **style)
+        # points only: what matters is the collapse across series, not an order in L
+        ax_ratio.errorbar([r["ratio"] for r in runs], [r["avg_kl"] for r in runs], yerr=spread, ls="none", **style)
         for r in runs:
             ax_ratio.annotate(f"L={r['seq_len']}", (r["ratio"], r["avg_kl"]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=7, color=f"C{i}")
+                              xytext=(4, 4), fontsize=7, color=style["color"])
+        bounded = [r for r in runs if r.get("bound_half") is not None and r.get("tail_kl_half") is not None]
+        ax_bound.plot([r["bound_half"] for r in bounded], [r["tail_kl_half"] for r in bounded], ls="none", **style)
+    by_family: dict[tuple, list] = defaultdict(list)
+    for (kind, copies, length), curve in sorted((references or {}).items()):
+        by_family[(kind, copies)].append((length, curve))
+    for (kind, copies), points in sorted(by_family.items()):
+        for k in WINDOWS:
+            xs = [length for length, curve in points if k in curve]
+            ax_len.plot(xs, [curve[k] for length, curve in points if k in curve], ls=":", marker="_", ms=12, lw=1,
+                        color="gray", alpha=0.4 + 0.15 * WINDOWS.index(k))
+            if xs:
+                label = "no context" if k == 0 else f"window {k}"
+                ax_len.annotate(f"exact {label}", (xs[-1], points[-1][1].get(k, np.nan)), fontsize=6, color="gray")
     what = "SSM state / KV cache" if state == "ssm" else "whole history state"
-    ax_ratio.set_xlabel(f"$I_{{BP}}(L/2;L)$ / dim($z_{{L/2}}$)   [{what}]")
     ax_len.set_xlabel("sequence length L")
     ax_len.set_xscale("log", base=2)
     lengths = sorted({r["seq_len"] for r in rows})
     ax_len.set_xticks(lengths, [str(n) for n in lengths])
     ax_ratio.set_xscale("log")
-    for ax in (ax_ratio, ax_len):
-        # A log KL axis only where every value is positive (a perfect or degenerate run may give 0).
-        if all(r["avg_kl"] > 0 for r in rows):
+    ax_ratio.set_xlabel(f"$I_{{BP}}(L/2;L)$ / dim($z_{{L/2}}$)   [{what}]")
+    metrics = "; ".join(
+        f"{arch}: R²(ratio) {format_number(m['r2_ratio'])}, R²(L) {format_number(m['r2_length'])}"
+        for arch, m in (collapse or {}).items()
+    )
+    ax_ratio.set_title(f"collapse — {metrics}" if metrics else "", fontsize=8)
+    for ax in (ax_len, ax_ratio):
+        if positive:
             ax.set_yscale("log")
         ax.set_ylabel("average KL per token (nats)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.margins(0.1)
-        ax.legend(fontsize=8)
-    # Short labels on the log axes: their ranges often span less than a decade, where matplotlib
-    # labels minor ticks too and its a×10^b form crowds them.
-    for axis in (ax_ratio.xaxis, ax_ratio.yaxis, ax_len.yaxis):
-        if axis.get_scale() == "log":
-            axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    top = max([r["tail_kl_half"] or 0 for r in rows] + [r["bound_half"] or 0 for r in rows] + [1e-9])
+    ax_bound.plot([0, top], [0, top], "k--", lw=1, label="on the bound: state-limited")
+    ax_bound.set_xlabel("linear-state bound after L/2 (nats)")
+    ax_bound.set_ylabel("model's KL after L/2 (nats)")
+    for ax in (ax_len, ax_ratio, ax_bound):
+        ax.legend(fontsize=7)
+    _log_axes(ax_len, ax_ratio, ax_bound)
     fig.suptitle(f"L²M sweep: {len(rows)} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def print_table(rows: list[dict], skipped: int, paths: dict[str, Path]) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+def _read_positionwise(run_dir: Path) -> dict[str, np.ndarray]:
+    with open(run_dir / "positionwise.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in rows[0]}
 
-    headers = {"model": "model", "params": "params", "seq_len": "L", "dim_z": "dim(z)", "i_bp_half": "I_BP",
-               "ratio": "I_BP/dim(z)", "initial_avg_kl": "KL init", "avg_kl": "avg KL"}
-    table = Table(title="L²M sweep (nats; KL per token)", box=box.SIMPLE_HEAD, pad_edge=False)  # fits 80 columns
-    for key, header in headers.items():
-        table.add_column(header, justify="right", no_wrap=True)
-    for r in rows:
-        table.add_row(*(format_number(r[k]) for k in headers))
-    console = Console()
-    console.print(table)
+
+def plot_overlays(rows: list[dict], out: Path) -> list[Path]:
+    """One figure per L: every run's position-wise KL and the exact references of its data."""
+    paths = []
+    for length in sorted({r["seq_len"] for r in rows}):
+        fig = Figure(figsize=(6.5, 4.5))
+        ax = fig.subplots()
+        drawn_refs = False
+        for i, row in enumerate(r for r in rows if r["seq_len"] == length):
+            run_dir = Path(row["run_dir"].split(";")[0])
+            if not (run_dir / "positionwise.csv").exists():
+                continue
+            curves = _read_positionwise(run_dir)
+            ax.plot(curves["position"], curves["kl"], color=f"C{i % 10}", lw=1.2, label=row["series"])
+            if not drawn_refs:
+                for name in [k for k in curves if k.startswith("kl_window") or k == "kl_nocontext"]:
+                    ref = np.where(curves[name] > 0, curves[name], np.nan)
+                    ax.plot(curves["position"], ref, ls=":", color="gray", lw=1)
+                    ax.annotate(name.removeprefix("kl_"), (curves["position"][-1], ref[-1]), fontsize=6, color="gray")
+                drawn_refs = True
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("position i")
+        ax.set_ylabel("KL$_i$ (nats/token)")
+        ax.set_title(f"L = {length}: every run, and the exact window-k predictors (dotted)")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = out / f"positionwise_L{length}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
+    """Held-out average KL against the step, one line per run."""
+    with_history = [r for r in rows if len(r["_history"]) > 1]
+    if not with_history:
+        return None
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for i, row in enumerate(with_history):
+        steps, values = zip(*row["_history"])
+        ax.plot(steps, values, color=f"C{i % 10}", lw=1, label=f"{row['series']} L={row['seq_len']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out average KL (nats/token)")
+    ax.legend(fontsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+TABLE = [("series", "series"), ("params", "params"), ("seq_len", "L"), ("copies", "copies"), ("steps", "steps"),
+         ("seeds", "seeds"), ("dim_z", "dim(z)"), ("dim_z_total", "dim(z) total"), ("i_bp_half", "I_BP"),
+         ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
+         ("avg_kl_per_copy", "KL/copy"), ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
+         ("effective_context", "eff. context"), ("tail_kl_half", "KL after L/2"), ("bound_half", "bound"),
+         ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(header for _, header in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_number(row.get(key)) for key, _ in TABLE) + " |")
+    return "\n".join(lines)
+
+
+def unfinished_lines(records: list[RunRecord]) -> list[str]:
+    return [
+        f"- `{r.run_dir}`: crashed or unfinished, last checkpoint step {format_number(r.last_step)}; "
+        f"last log line: {r.last_log_line or '-'}"
+        for r in records if r.summary is None
+    ]
+
+
+def write_report(rows: list[dict], records: list[RunRecord], collapse: dict, figures: dict[str, Path],
+                 path: Path, state: str) -> None:
+    lines = ["# L²M sweep report", "",
+             f"{len(records)} run directories; {len(rows)} rows (runs differing only in seed averaged); "
+             f"dim(z) = {'SSM state / KV cache' if state == 'ssm' else 'whole history state'}. KL in nats per "
+             "token (summed over copies), bound and KL after L/2 summed over positions.", ""]
+    lines += [f"![{name}]({p.name})" for name, p in figures.items()]
+    lines += ["", "## Runs", "", markdown_table(rows), "", "## Collapse (log KL against log I_BP/dim(z))", "",
+              "| architecture | runs | R² on log ratio | R² on log L | R² on both |", "|---|---|---|---|---|"]
+    lines += [f"| {arch} | {m['runs']} | {format_number(m['r2_ratio'])} | {format_number(m['r2_length'])} | "
+              f"{format_number(m['r2_joint'])} |" for arch, m in collapse.items()]
+    unfinished = unfinished_lines(records)
+    if unfinished:
+        lines += ["", "## Crashed or unfinished runs", "", *unfinished]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def print_table(rows: list[dict], skipped: int, records: list[RunRecord], collapse: dict, paths: dict[str, Path]) -> None:
+    """The report's table in plain text (markdown): every column, never truncated."""
+    print("L²M sweep (nats; KL per token)")
+    print(markdown_table(rows))
+    for arch, m in collapse.items():
+        print(f"collapse {arch}: R² on log ratio {format_number(m['r2_ratio'])}, on log L "
+              f"{format_number(m['r2_length'])}, on both {format_number(m['r2_joint'])} ({m['runs']} runs)")
     if skipped:
-        console.print(f"skipped {skipped} summaries without I_BP, KL or history-state parts (e.g. text runs)")
+        print(f"skipped {skipped} summaries without I_BP, KL or history-state parts (e.g. text runs)")
+    for line in unfinished_lines(records):
+        print(line)
     for name, path in paths.items():
-        console.print(f"{name:>5}: {path}")
+        print(f"{name:>8}: {path}")

@@ -1,5 +1,5 @@
-"""`python -m l2m.sweep DIR [DIR ...] [--out DIR] [--state ssm|total]`: the sweep report (paper Fig. 3c)
-of the runs under the given run or multirun directories; see l2m.report.sweep."""
+"""`python -m l2m.sweep DIR [DIR ...] [--out DIR] [--state ssm|total]`: the sweep report of the runs
+under the given run or multirun directories; see l2m.report.sweep."""
 
 from __future__ import annotations
 
@@ -7,23 +7,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2m.report.sweep import find_summaries, plot_sweep, print_table, sweep_rows, write_csv
+from l2m.report.sweep import (
+    collapse_metrics,
+    find_runs,
+    plot_learning_curves,
+    plot_overlays,
+    plot_sweep,
+    print_table,
+    sweep_rows,
+    window_references,
+    write_csv,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m l2m.sweep", description="Sweep report (paper Fig. 3c) from the summary.json files of many runs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m l2m.sweep", description="Sweep report (paper Fig. 3) from the run directories of a sweep."
+    )
     parser.add_argument("dirs", nargs="+", help="run or multirun directories written by train.py")
-    parser.add_argument("--out", default=None, help="where sweep.csv and sweep.png go (default: the first dir)")
+    parser.add_argument("--out", default=None, help="where the report goes (default: the first dir)")
     parser.add_argument("--state", choices=["ssm", "total"], default="ssm",
                         help="dim(z): SSM state for SSMs and KV cache for transformers (paper Fig. 3c), "
                              "or the whole history state (SSM + conv)")
     args = parser.parse_args(argv)
     try:
-        summaries = find_summaries(args.dirs)
-        rows, skipped = sweep_rows(summaries, args.state)
+        records = find_runs(args.dirs)
+        rows, skipped = sweep_rows(records, args.state)
         if not rows:
+            finished = sum(r.summary is not None for r in records)
             raise ValueError(
-                f"none of the {len(summaries)} summary.json files has i_bp_half, avg_kl and the history-state "
+                f"none of the {finished} summary.json files has i_bp_half, avg_kl and the history-state "
                 "parts: the sweep report is for Gaussian-task runs (text runs have no exact MI)"
             )
     except (FileNotFoundError, ValueError) as error:
@@ -31,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "sweep.csv", "plot": out / "sweep.png"}
+    collapse = collapse_metrics(rows)
+    paths = {"csv": out / "sweep.csv", "plot": out / "sweep.png", "report": out / "report.md"}
     write_csv(rows, paths["csv"])
-    plot_sweep(rows, paths["plot"], args.state)
-    print_table(rows, skipped, paths)
+    plot_sweep(rows, paths["plot"], args.state, collapse, window_references(rows))
+    figures = {"sweep": paths["plot"]}
+    figures.update({p.stem: p for p in plot_overlays(rows, out)})
+    curves = plot_learning_curves(rows, out / "learning_curves.png")
+    if curves is not None:
+        figures["learning curves"] = curves
+    write_report(rows, records, collapse, figures, paths["report"], args.state)
+    print_table(rows, skipped, records, collapse, paths)
     return 0
 
 
