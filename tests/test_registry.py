@@ -62,10 +62,16 @@ def test_a_registered_mixer_trains_from_its_yaml_file(decay_registered, tmp_path
     overrides = [
         f"hydra.searchpath=[file://{tmp_path}]", "model=decay-toy", "logger=none", "data.levels=2", "data.copies=4",
         "data.batch_size=2", "data.val_size=4", "trainer.max_steps=1", "+trainer.enable_progress_bar=false",
+        "threads=2",
     ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    summary = train(cfg, run_dir=tmp_path / "run")
+    threads = torch.get_num_threads()
+    try:
+        summary = train(cfg, run_dir=tmp_path / "run")
+        assert torch.get_num_threads() == 2  # the run's `threads` setting
+    finally:
+        torch.set_num_threads(threads)
     assert summary["model"] == "decay-toy" and summary["step"] == 1
     assert summary["dim_z_half"] == summary["dim_z_half_ssm"] == 2 * 16  # the mixer's declared state, per layer
     assert math.isfinite(summary["avg_kl"]) and summary["avg_kl"] != summary["initial_avg_kl"]

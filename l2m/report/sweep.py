@@ -243,13 +243,17 @@ def _r_squared(y: np.ndarray, *regressors: np.ndarray) -> float | None:
 
 def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
     """Per architecture: how well log KL is explained by log(I_BP / dim z) (the collapse of Fig. 3c),
-    by log L, and by both. A family limited by its state collapses: R² on the ratio near 1."""
+    by log L, and by both. A family limited by its state collapses: R² on the ratio near 1. Only
+    for families that span two lengths or more (at one L, any monotone trend in the state fits)."""
     out = {}
     for arch in sorted({r["arch"] for r in rows}):
         runs = [r for r in rows if r["arch"] == arch and r["avg_kl"] > 0]
         y = np.log([r["avg_kl"] for r in runs])
         ratio = np.log([r["ratio"] for r in runs])
         length = np.log([r["seq_len"] for r in runs])
+        if np.ptp(length) == 0:
+            out[arch] = {"runs": len(runs), "r2_ratio": None, "r2_length": None, "r2_joint": None}
+            continue
         out[arch] = {
             "runs": len(runs),
             "r2_ratio": _r_squared(y, ratio),
