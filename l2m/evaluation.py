@@ -118,6 +118,7 @@ def analyse_state(
     tolerance: float = 0.1,
     context_fraction: float = 0.125,
     max_window: int = 512,
+    bound_splits: int = 24,
 ) -> StateAnalysis | None:
     """Is this model limited by its history state or by its training? None where the data has no
     exact references (`data.window_kl(0)` is None, e.g. natural text).
@@ -146,7 +147,7 @@ def analyse_state(
     tail_kl = kl.flip(0).cumsum(0).flip(0).roll(-1)  # tail_kl[i-1] = Σ_{j>i} KL_j (1-based i)
     tail_kl[-1] = 0.0
     tail_bound = torch.full((seq_len,), float("nan"), dtype=torch.float64)
-    for split in splits_grid(seq_len):
+    for split in splits_grid(seq_len, bound_splits):
         tail_bound[split - 1] = data.state_bound(model.bound_state_size(split), split)
     half = seq_len // 2
     bound_half, tail_half = float(tail_bound[half - 1]), float(tail_kl[half - 1])
