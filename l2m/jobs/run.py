@@ -21,14 +21,14 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2m.checks import check_int
 from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
 from l2m.jobs.multirun_ddp import ddp_job
-from l2m.models import load_checkpoint
+from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
 from l2m.training.loggers import announce_offline, finish
@@ -144,17 +144,46 @@ def instantiate_data(data: dict) -> L2MData:
     return check_data(datamodule)
 
 
+# Kept from the preset when init_from brings the same architecture: how it runs, not what it computes.
+RUNTIME_KEYS = ("backend", "chunk_size")
+
+
+def adopt_imported(source: str, preset: dict, imported: dict) -> dict:
+    """The imported model config, with the preset's runtime keys where the architectures agree; one
+    line says which preset values it replaced."""
+    config = dict(imported)
+    if preset.get("arch") == imported.get("arch"):
+        config.update({k: preset[k] for k in RUNTIME_KEYS if k in preset})
+    replaced = [f"{k}={preset[k]!r} (now {config.get(k)!r})" for k in sorted(preset)
+                if k != "name" and preset[k] != config.get(k, preset[k])]
+    replaced += [f"{k} (dropped)" for k in sorted(set(preset) - set(config))]
+    if replaced:
+        rank_zero_info(f"init_from {source}: its model config replaces the preset's " + ", ".join(replaced))
+    return config
+
+
 def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
     data = _plain(cfg.data)
     datamodule = instantiate_data(data)
+    model_config, initial = _plain(cfg.model), None
+    if cfg.get("init_from"):
+        initial, imported = load_pretrained(cfg.init_from, max_seq_len=datamodule.seq_len)
+        model_config = adopt_imported(cfg.init_from, model_config, imported)
+        if initial.io != datamodule.io_config():
+            raise ValueError(
+                f"init_from={cfg.init_from} reads {initial.io}, but the data gives {datamodule.io_config()}: use its "
+                "tokenizer (data.tokenizer=...) and vocabulary (data.vocab_size=...)"
+            )
     module = L2MModule(
-        model=_plain(cfg.model),
+        model=model_config,
         io=datamodule.io_config(),
         seq_len=datamodule.seq_len,
         optim=_plain(cfg.optim),
         compile=cfg.compile,
         data=data,
     )
+    if initial is not None:
+        module.model.load_state_dict(initial.state_dict())  # weights only: the optimizer starts fresh
     return datamodule, module
 
 
@@ -198,40 +227,66 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     return summary
 
 
+HF_PREFIX = "hf:"
+
+
 def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Recompute position-wise metrics of `cfg.ckpt_path` on its held-out set; write the run files."""
+    """Recompute position-wise metrics of `cfg.ckpt_path` on its held-out set (an l2m checkpoint),
+    or of a Hugging Face causal LM (ckpt_path=hf:<folder or id>) on the text data given in
+    cfg.data; write the run files."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
-        raise ValueError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise ValueError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt (or hf:<folder>)")
     run_dir = with_run_dir(cfg, run_dir)
     set_threads(cfg.get("threads"))
-    checkpoint = load_checkpoint(checkpoint_path(cfg.ckpt_path))
+    overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
+    source = str(cfg.ckpt_path)
+    if source.startswith(HF_PREFIX):
+        model, data, name, step, callback_state = _hf_model_and_data(source[len(HF_PREFIX):], overrides)
+    else:
+        checkpoint = load_checkpoint(checkpoint_path(source))
+        model, name, step = checkpoint.model, model_name(checkpoint.hparams["model"]), checkpoint.step
+        callback_state = checkpoint.callbacks.get(PositionwiseCallback.__qualname__, {})
+        data = _trained_on_data(checkpoint.hparams["data"], overrides)
+        source = str(checkpoint.path)
     save_config(cfg, run_dir)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = checkpoint.model.to(device)
-    # The data config is the one trained on, updated by the non-null keys given here (val_size...).
-    trained_on = checkpoint.hparams["data"]
-    overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
-    unknown = sorted(set(overrides) - set(trained_on))
-    if unknown:
-        raise ValueError(
-            f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
-            f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
-        )
-    datamodule = instantiate_data({**trained_on, **overrides})
-    if datamodule.io_config() != checkpoint.hparams["io"]:
-        raise ValueError(
-            f"the checkpoint's model reads {checkpoint.hparams['io']}, but the data gives {datamodule.io_config()}"
-        )
+    model = model.to(device)
+    datamodule = instantiate_data(data)
+    if datamodule.io_config() != model.io:
+        raise ValueError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
     datamodule.prepare_data()
     datamodule.setup("validate")
 
     with expected_warnings_silenced():
         metrics = evaluate_heldout(model, datamodule, device)
     analysis = analyse_state(metrics, model, datamodule, **_plain(cfg.analysis))
-    callback_state = checkpoint.callbacks.get(PositionwiseCallback.__qualname__, {})
-    name = model_name(checkpoint.hparams["model"])
-    summary = run_summary(model, name, datamodule, metrics, checkpoint.step, analysis, callback_state.get("history"))
-    summary = {**summary, **(callback_state.get("initial") or {}), "ckpt_path": str(checkpoint.path)}
+    summary = run_summary(model, name, datamodule, metrics, step, analysis, callback_state.get("history"))
+    summary = {**summary, **(callback_state.get("initial") or {}), "ckpt_path": source}
     paths = write_outputs(run_dir, metrics, summary, analysis, title=name, smooth=cfg.smooth)
     print_summary(summary, {"plot": paths["plot"], "metrics": paths["summary"]})
     return summary
+
+
+def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
+    """The data config a checkpoint was trained on, updated by the non-null keys given (val_size...)."""
+    unknown = sorted(set(overrides) - set(trained_on))
+    if unknown:
+        raise ValueError(
+            f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
+            f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
+        )
+    return {**trained_on, **overrides}
+
+
+def _hf_model_and_data(path_or_id: str, overrides: dict) -> tuple:
+    """(model, text data config, name, step, callback state) to evaluate a Hugging Face causal LM."""
+    from l2m.models.hf import load_causal_lm
+
+    if "source" not in overrides:
+        raise ValueError(f"evaluate.py ckpt_path=hf:{path_or_id} needs the text to evaluate on: data.source=<folder of "
+                         ".txt, .jsonl or .parquet, or a hub dataset id> (and data.tokenizer, default the model's)")
+    seq_len = overrides.get("seq_len", 128)
+    model = load_causal_lm(path_or_id, max_seq_len=seq_len)
+    data = {"_target_": "l2m.data.text.TextDataModule", "tokenizer": path_or_id, "seq_len": seq_len,
+            "vocab_size": model.io["vocab_size"], **overrides}
+    return model, data, Path(path_or_id).name, 0, {}

@@ -6,7 +6,7 @@
 (GPTConfig, MambaConfig, Mamba2Config). New architectures plug in with `register_architecture`.
 """
 
-from l2m.models.checkpoint import Checkpoint, load_checkpoint
+from l2m.models.checkpoint import Checkpoint, load_checkpoint, load_pretrained
 from l2m.models.config import MixerConfig, ModelConfig
 from l2m.models.gpt import GPT, GPTConfig
 from l2m.models.mamba import Mamba, MambaConfig
@@ -16,7 +16,7 @@ from l2m.models.registry import ARCHITECTURES, build_model, model_config, regist
 from l2m.models.sequence_model import SequenceModel
 
 __all__ = [
-    "ARCHITECTURES", "Checkpoint", "GPT", "GPTConfig", "Mamba", "Mamba2", "Mamba2Config", "MambaConfig",
+    "ARCHITECTURES", "Checkpoint", "GPT", "load_pretrained", "GPTConfig", "Mamba", "Mamba2", "Mamba2Config", "MambaConfig",
     "MixerConfig", "MixerStack", "ModelConfig", "SequenceModel", "build_model", "load_checkpoint",
     "model_config", "register_architecture",
 ]

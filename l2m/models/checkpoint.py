@@ -41,3 +41,24 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     weights = {k[len(_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(_PREFIX)}
     model.load_state_dict(weights)
     return Checkpoint(path, model.eval(), hparams, int(raw["global_step"]), dict(raw.get("callbacks", {})))
+
+
+def load_pretrained(source: str | Path, max_seq_len: int | None = None) -> tuple[SequenceModel, dict]:
+    """(model, its l2m model config) from an l2m checkpoint (a .ckpt file) or a Hugging Face folder
+    or hub id (l2m.models.hf.from_hf). max_seq_len: the context to keep of GPT's learned positions."""
+    if str(source).endswith(".ckpt") or Path(source).is_file():
+        checkpoint = load_checkpoint(source)
+        config = dict(checkpoint.hparams["model"])
+        if max_seq_len is None or "max_seq_len" not in config or checkpoint.model.max_positions is None:
+            return checkpoint.model, config
+        if max_seq_len > checkpoint.model.max_positions:
+            raise ValueError(f"{source} has learned positions for {checkpoint.model.max_positions} tokens, fewer "
+                             f"than the {max_seq_len} asked for: use data.seq_len <= {checkpoint.model.max_positions}")
+        model = build_model(config, checkpoint.hparams["io"], max_seq_len=max_seq_len)
+        weights = checkpoint.model.state_dict()
+        weights["backbone.wpe.weight"] = weights["backbone.wpe.weight"][:max_seq_len]
+        model.load_state_dict(weights)
+        return model, {**config, "max_seq_len": max_seq_len}
+    from l2m.models.hf import from_hf
+
+    return from_hf(source, max_seq_len=max_seq_len)

@@ -19,6 +19,7 @@ from torch import Tensor
 from l2m.models.config import ModelConfig
 
 POSITIONAL = ("learned", "rotary")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact GELU, or its tanh approximation (GPT-2's "gelu_new")
 KVCache = tuple[Tensor, Tensor]
 
 
@@ -32,6 +33,7 @@ class GPTConfig(ModelConfig):
     positional: str = "learned"  # learned | rotary
     dropout: float = 0.0
     bias: bool = True  # in the linear layers and LayerNorms
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh (what GPT-2's weights were trained with)
 
     @property
     def head_dim(self) -> int:
@@ -45,6 +47,7 @@ class GPTConfig(ModelConfig):
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: choose n_head among {divisors}"
             )
         self.choice("positional", POSITIONAL)
+        self.choice("activation", ACTIVATIONS)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -103,9 +106,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -103,7 +103,8 @@ class Mamba(nn.Module):
         """hidden (B, L, d_model) -> (B, L, d_model)."""
         kernels = use_kernels("Mamba", self.backend, KERNELS, hidden)
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
-        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        f = torch.float32 if kernels else ssm_state_dtype(hidden.dtype)  # the kernels take float32
+        A = -torch.exp(self.A_log.to(f))  # (d_inner, d_state)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
         if conv_fn is not None:
             x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
@@ -121,9 +122,9 @@ class Mamba(nn.Module):
             A,
             B.transpose(1, 2).contiguous(),
             C.transpose(1, 2).contiguous(),
-            self.D.float(),
+            self.D.to(f),
             z=z.contiguous(),
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=self.dt_proj.bias.to(f),
             delta_softplus=True,
         )
         return self.out_proj(y.transpose(1, 2))
