@@ -27,6 +27,7 @@ class Positionwise:
     num_sequences: int
     # standard error of avg_kl / avg_nll over the held-out sequences (each sequence's average)
     avg_stderr: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # other curves of the adapter, e.g. "accuracy"
 
     def summary(self) -> dict[str, float | int | None]:
         """Averages over all positions (with their SE over sequences) and over the first and last
@@ -91,7 +92,8 @@ def evaluate_positionwise(
     if kl is None and floor is not None:  # exact in expectation: NLL_i = KL_i + H_p(W_i | W_<i)
         kl = means["nll"] - floor
         stderr["kl"] = stderr["nll"]  # each sequence's KL average is its NLL average minus a constant
-    return Positionwise(nll=means["nll"], kl=kl, floor=floor, num_sequences=total, avg_stderr=stderr)
+    extra = {name: curve for name, curve in means.items() if name not in ("nll", "kl")}
+    return Positionwise(nll=means["nll"], kl=kl, floor=floor, num_sequences=total, avg_stderr=stderr, extra=extra)
 
 
 def splits_grid(seq_len: int, count: int = 24) -> list[int]:

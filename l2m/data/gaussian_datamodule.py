@@ -28,23 +28,13 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
 import torch
 
 from l2m.checks import check_ints
 from l2m.data.gaussian import MAX_LEVELS, GaussianFamily
-from l2m.data.stream import BatchStream, StreamDataModule, rank_share
+from l2m.data.stream import BatchStream, StreamDataModule, keyed_generator, rank_share
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
-
-
-def noise_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of non-negative ints (e.g. (seed, stream, rank, k)).
-
-    numpy's SeedSequence hashes the whole key, so nearby keys give independent streams.
-    """
-    words = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) | int(words[1]) << 32)
 
 
 def levels_of_length(seq_len: object) -> int:
@@ -60,11 +50,11 @@ def levels_of_length(seq_len: object) -> int:
 
 # Module-level, so that functools.partial of them pickles into DataLoader workers.
 def _train_batch(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> dict:
-    return {"eps": family.noise(batch_size, noise_generator(seed, _TRAIN, rank, index))}
+    return {"eps": family.noise(batch_size, keyed_generator(seed, _TRAIN, rank, index))}
 
 
 def _val_batch(family: GaussianFamily, val_seed: int, indices: list[int]) -> dict:
-    return {"eps": torch.cat([family.noise(1, noise_generator(val_seed, _VAL, n)) for n in indices])}
+    return {"eps": torch.cat([family.noise(1, keyed_generator(val_seed, _VAL, n)) for n in indices])}
 
 
 class GaussianDataModule(StreamDataModule):

@@ -18,7 +18,18 @@ import math
 from typing import Callable, Sequence
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of non-negative ints (e.g. (seed, stream, rank, k)).
+
+    numpy's SeedSequence hashes the whole key, so nearby keys give independent streams.
+    """
+    words = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) | int(words[1]) << 32)
 
 
 def worker_share() -> tuple[int, int]:

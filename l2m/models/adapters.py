@@ -72,10 +72,14 @@ class DiscreteOutput(nn.Module):
         return self.lm_head(h)[..., : self.vocab_size]
 
     def losses(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """logits (B, L, V) of tokens 1..L of batch["input_ids"] (B, L+1): NLL (B, L), loss its mean."""
+        """logits (B, L, V) of tokens 1..L of batch["input_ids"] (B, L+1): NLL and top-1 accuracy
+        (B, L); loss the mean NLL, over the positions of batch["loss_mask"] (B, L) where given."""
         targets = batch["input_ids"][:, 1:]  # (B, L)
         nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, L)
-        return {"loss": nll.mean(), "nll": nll}
+        accuracy = (logits.argmax(-1) == targets).float()  # (B, L)
+        mask = batch.get("loss_mask")
+        loss = nll.mean() if mask is None else (nll * mask).sum() / mask.sum()
+        return {"loss": loss, "nll": nll, "accuracy": accuracy}
 
 
 class GaussianInput(nn.Module):

@@ -305,7 +305,7 @@ class HFCausalLM(torch.nn.Module):
         ids = batch["input_ids"]  # (B, L+1): BOS, then the L tokens to predict
         logits = self.model(ids[:, :-1]).logits.float()  # (B, L, V)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        return {"loss": nll.mean(), "nll": nll}
+        return {"loss": nll.mean(), "nll": nll, "accuracy": (logits.argmax(-1) == ids[:, 1:]).float()}
 
     def history_state_breakdown(self, n_past: int) -> dict[str, int]:
         """The KV cache after n_past tokens where the config says its shape, else nothing known."""

@@ -32,8 +32,9 @@ def heldout_batches(datamodule: L.LightningDataModule, device: Any) -> Iterator:
 
 
 def history_state_summary(model: Any, datamodule: Any) -> dict[str, Any]:
-    """dim(z_{L/2}) (total and parts), the data's I_BP(L/2; L) and their ratio (paper Fig. 3c)."""
-    half = datamodule.seq_len // 2
+    """dim(z) (total and parts) at the data's split (`history_split`: L/2, or the end of the pairs for
+    recall), the data's I_BP there and their ratio (paper Fig. 3c). Keys keep the name "_half"."""
+    half = getattr(datamodule, "history_split", datamodule.seq_len // 2)
     dim_z = model.history_state_size(half)
     i_bp = datamodule.bipartite_mi_half()
     parts = {f"dim_z_half_{name}": int(n) for name, n in model.history_state_breakdown(half).items()}
@@ -84,10 +85,18 @@ def run_summary(
         "step": int(step),
         **history_state_summary(model, datamodule),
         **metrics.summary(),
+        **_answer_accuracy(metrics, datamodule),
         **(analysis.summary if analysis is not None else {}),
         **convergence(history),
         "heldout_history": [list(point) for point in history],
     }
+
+
+def _answer_accuracy(metrics: Positionwise, datamodule: Any) -> dict[str, float]:
+    """Top-1 accuracy over the answer positions, for data that has them (associative recall)."""
+    if not hasattr(datamodule, "answer_positions") or "accuracy" not in metrics.extra:
+        return {}
+    return {"answer_accuracy": float(metrics.extra["accuracy"][datamodule.answer_positions()].mean())}
 
 
 def model_name(model_config: Mapping[str, Any]) -> str:
