@@ -30,9 +30,8 @@ from functools import partial
 
 import torch
 
-from l2m.checks import check_ints
 from l2m.data.gaussian import MAX_LEVELS, GaussianFamily
-from l2m.data.stream import BatchStream, StreamDataModule, keyed_generator, rank_share
+from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
 
@@ -57,7 +56,7 @@ def _val_batch(family: GaussianFamily, val_seed: int, indices: list[int]) -> dic
     return {"eps": torch.cat([family.noise(1, keyed_generator(val_seed, _VAL, n)) for n in indices])}
 
 
-class GaussianDataModule(StreamDataModule):
+class GaussianDataModule(DrawnDataModule):
     """The Gaussian family of `levels` (or of length `seq_len`, a power of 4, which then sets levels).
 
     Batches {"x": (B, L+1, copies), "mean": (B, L, copies), "std": (1, L, copies)} (float32).
@@ -86,14 +85,9 @@ class GaussianDataModule(StreamDataModule):
             levels = levels_of_length(seq_len)
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies
         seq_len = self.family.seq_len  # recorded by save_hyperparameters beside levels
-        check_ints(
-            batch_size=(batch_size, 1), seed=(seed, 0), val_size=(val_size, 1),
-            val_seed=(val_seed, 0), num_workers=(num_workers, 0), epoch_size=(epoch_size, 1),
-        )
+        self._set_stream(batch_size, seed, val_size, val_seed, num_workers, epoch_size)
         self.save_hyperparameters()
         self.seq_len = self.family.seq_len
-        self.batch_size, self.seed, self.val_size, self.val_seed = batch_size, seed, val_size, val_seed
-        self.num_workers, self.epoch_size = num_workers, epoch_size
 
     # ---- what the training code asks about the data ----
 
@@ -125,10 +119,6 @@ class GaussianDataModule(StreamDataModule):
     def val_noise(self, indices: list[int]) -> torch.Tensor:
         """ε of the validation sequences `indices` (each keyed by (val_seed, n)): (len, L, copies)."""
         return _val_batch(self.family, self.val_seed, indices)["eps"]
-
-    def val_indices(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """This rank's share of the validation set: disjoint across ranks, together all of it."""
-        return list(rank_share(range(self.val_size), rank, world_size))
 
     # ---- streams (the DataLoaders and batch bookkeeping are StreamDataModule's) ----
 

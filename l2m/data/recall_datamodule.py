@@ -13,9 +13,8 @@ from functools import partial
 
 import torch
 
-from l2m.checks import check_ints
 from l2m.data.recall import AssociativeRecall
-from l2m.data.stream import BatchStream, StreamDataModule, keyed_generator, rank_share
+from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation samples never share a generator key
 
@@ -37,7 +36,7 @@ def _val_batch(task, val_seed, answer_loss_only, indices) -> dict:
     return _batch(task, tokens, answer_loss_only)
 
 
-class RecallDataModule(StreamDataModule):
+class RecallDataModule(DrawnDataModule):
     """MQAR with K keys, V values, P pairs and Q queries (L = 2P + 2Q); see l2m.data.recall."""
 
     task = "recall"
@@ -58,14 +57,11 @@ class RecallDataModule(StreamDataModule):
     ):
         super().__init__()
         self.recall = AssociativeRecall(num_keys, num_values, num_pairs, num_queries)  # checks K, V, P, Q
-        check_ints(batch_size=(batch_size, 1), seed=(seed, 0), val_size=(val_size, 1), val_seed=(val_seed, 0),
-                   num_workers=(num_workers, 0), epoch_size=(epoch_size, 1))
+        self._set_stream(batch_size, seed, val_size, val_seed, num_workers, epoch_size)
         self.save_hyperparameters()
         self.seq_len = self.recall.seq_len
         self.history_split = self.recall.pairs_end  # the state must carry the pairs to the queries
         self.answer_loss_only = answer_loss_only
-        self.batch_size, self.seed, self.val_size, self.val_seed = batch_size, seed, val_size, val_seed
-        self.num_workers, self.epoch_size = num_workers, epoch_size
 
     # ---- what the training code asks about the data ----
 
@@ -94,9 +90,6 @@ class RecallDataModule(StreamDataModule):
     def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> BatchStream:
         batch_fn = partial(_train_batch, self.recall, self.batch_size, self.seed, self.answer_loss_only, rank)
         return BatchStream(batch_fn, start, self.epoch_size)
-
-    def val_indices(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        return list(rank_share(range(self.val_size), rank, world_size))
 
     def _val_batch_fn(self):
         return partial(_val_batch, self.recall, self.val_seed, self.answer_loss_only)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from l2m.checks import check_ints
+
 
 def keyed_generator(*key: int) -> torch.Generator:
     """A CPU generator seeded from a tuple of non-negative ints (e.g. (seed, stream, rank, k)).
@@ -129,3 +131,19 @@ class StreamDataModule(L.LightningDataModule):
             # Where the stream continues: in the next epoch, and in a checkpoint taken now.
             self._train_loader.dataset.start = int(batch["index"]) + 1
         return batch
+
+
+class DrawnDataModule(StreamDataModule):
+    """Base of the synthetic DataModules, whose samples are drawn from a known law: batch k of rank r
+    from a generator keyed by (seed, r, k), the held-out sequence n keyed by (val_seed, n)."""
+
+    def _set_stream(self, batch_size: int, seed: int, val_size: int, val_seed: int, num_workers: int,
+                    epoch_size: int) -> None:
+        check_ints(batch_size=(batch_size, 1), seed=(seed, 0), val_size=(val_size, 1), val_seed=(val_seed, 0),
+                   num_workers=(num_workers, 0), epoch_size=(epoch_size, 1))
+        self.batch_size, self.seed, self.val_size, self.val_seed = batch_size, seed, val_size, val_seed
+        self.num_workers, self.epoch_size = num_workers, epoch_size
+
+    def val_indices(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's share of the held-out set: disjoint across ranks, together all of it."""
+        return list(rank_share(range(self.val_size), rank, world_size))
