@@ -151,3 +151,21 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path):
     gaussian = subprocess.run([sys.executable, "-m", "l2m.export", str(ckpt.with_name("mamba.ckpt")), str(tmp_path / "g")],
                               capture_output=True, text=True, timeout=120)
     assert gaussian.returncode == 1 and "only discrete-token models" in gaussian.stderr
+
+
+def test_init_from_an_l2m_checkpoint_says_what_replaced_the_preset(tmp_path, caplog):
+    ckpt = REPO / "tests" / "data" / "checkpoints" / "mamba-text.ckpt"  # tiny-mamba, d_model 32, byte tokens
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=text-tiny", f"init_from={ckpt}", "logger=none", "data.seq_len=32", "data.batch_size=2",
+            "data.val_size=4", "trainer.max_steps=1", f"data.cache_dir={tmp_path / 'cache'}",
+            "+trainer.enable_progress_bar=false"])
+        with caplog.at_level("INFO"):
+            summary = train(cfg, run_dir=tmp_path / "run")
+    assert "its model config replaces the preset's arch='gpt' (now 'mamba'), d_model=64 (now 32)" in caplog.text
+    source = load_checkpoint(ckpt).model
+    started = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert started.hparams["model"]["d_state"] == 4 and summary["step"] == 1
+    # one optimizer step away from the source's weights, not a fresh initialisation
+    drift = max(float((a - b).abs().max()) for a, b in zip(source.parameters(), started.model.parameters()))
+    assert 0 < drift < 0.05

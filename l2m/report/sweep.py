@@ -416,7 +416,7 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-TABLE = [("series", "series"), ("params", "params"), ("seq_len", "L"), ("copies", "copies"), ("steps", "steps"),
+TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_len", "L"), ("copies", "copies"), ("steps", "steps"),
          ("seeds", "seeds"), ("dim_z", "dim(z)"), ("dim_z_total", "dim(z) total"), ("i_bp_half", "I_BP"),
          ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
          ("avg_kl_per_copy", "KL/copy"), ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
