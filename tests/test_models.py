@@ -2,12 +2,10 @@
 preset parameter counts, the typed configs and registry, and bad input. The mixers' own tests:
 test_mamba.py, test_mamba2.py."""
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 from torch.utils._pytree import tree_leaves

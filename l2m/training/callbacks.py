@@ -142,7 +142,9 @@ class PositionwiseCallback(L.Callback):
     def _interval(self, trainer: L.Trainer) -> int:
         if self.every_n_steps is not None:
             return self.every_n_steps
-        return max(1, (trainer.max_steps or 0) // 20)
+        if not trainer.max_steps or trainer.max_steps < 0:  # a run without max_steps: start and end only
+            return 0
+        return max(1, trainer.max_steps // 20)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial is None:  # restored from the checkpoint when resuming

@@ -8,7 +8,6 @@ exactly at a sentence boundary, and `fingerprint`, which keys the token cache.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
