@@ -30,21 +30,10 @@ from functools import partial
 
 import torch
 
-from l2m.data.gaussian import MAX_LEVELS, GaussianFamily
+from l2m.data.gaussian import GaussianFamily, levels_of_length
 from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
-
-
-def levels_of_length(seq_len: object) -> int:
-    """The `levels` of the family member of length seq_len (L = 4**levels), or a ValueError listing them."""
-    lengths = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
-    if seq_len not in lengths:
-        raise ValueError(
-            f"seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
-            f"L = 4**levels: {', '.join(map(str, lengths))} (levels=1..{MAX_LEVELS})"
-        )
-    return lengths[seq_len]
 
 
 # Module-level, so that functools.partial of them pickles into DataLoader workers.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -265,7 +264,7 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
 
 def window_references(rows: list[dict]) -> dict[tuple, dict[int, float]]:
     """Average KL of the exact best window-k predictors for every (kind, copies, L) in the sweep."""
-    from l2m.data.gaussian import GaussianFamily  # torch: only for the references
+    from l2m.data.gaussian import GaussianFamily, levels_of_length  # torch: only for the references
 
     refs = {}
     for row in rows:
@@ -274,7 +273,7 @@ def window_references(rows: list[dict]) -> dict[tuple, dict[int, float]]:
             continue
         key = (data.get("kind", "subvolume"), data["copies"], row["seq_len"])
         if key not in refs:
-            family = GaussianFamily(int(math.log(row["seq_len"], 4) + 0.5), key[0], key[1])
+            family = GaussianFamily(levels_of_length(row["seq_len"]), key[0], key[1])
             refs[key] = {k: float(family.window_kl(k).mean()) for k in WINDOWS if k < row["seq_len"]}
     return refs
 

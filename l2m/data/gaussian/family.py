@@ -64,6 +64,17 @@ def _validate(levels, kind, copies) -> None:
     check_int("copies", copies)
 
 
+def levels_of_length(seq_len: object) -> int:
+    """The `levels` of the family member of length seq_len (L = 4**levels), or a ValueError listing them."""
+    lengths = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
+    if seq_len not in lengths:
+        raise ValueError(
+            f"seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
+            f"L = 4**levels: {', '.join(map(str, lengths))} (levels=1..{MAX_LEVELS})"
+        )
+    return lengths[seq_len]
+
+
 def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
     """Fail fast, with the numbers, instead of letting the OS kill the process mid-build."""
     needed = n_matrices * 8 * seq_len**2
