@@ -8,6 +8,7 @@ groups name by `_target_`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -22,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2m.checks import check_int
@@ -31,8 +33,12 @@ from l2m.jobs.multirun_ddp import ddp_job
 from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
+from l2m.jobs.cluster import check_slurm_layout
+from l2m.jobs.resume import AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint, stopped_by_signal
+from l2m.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from l2m.training.loggers import announce_offline, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
+from l2m.training.preemption import Preempted
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
@@ -72,10 +78,16 @@ def report_errors() -> Iterator[None]:
     """Bad input and a diverged run end with their message and exit status 1, not a traceback
     (HYDRA_FULL_ERROR=1 shows it). ConnectionError: a hub dataset that cannot be reached
     (l2m.data.text.documents.SourceUnavailableError, raised while preparing the data); ImportError:
-    an optional package a chosen option needs (e.g. backend=kernels without mamba-ssm)."""
+    an optional package a chosen option needs (e.g. backend=kernels without mamba-ssm). A run stopped
+    by a signal exits with 128 + the signal's number, as if killed by it, saying how it resumes. Both
+    exit with SystemExit, so that a sweep stops there instead of going on to the next job."""
     try:
         yield
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError, NonFiniteLossError) as error:
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_status)
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError, NonFiniteLossError,
+            CheckpointWriteError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -111,19 +123,6 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """The fully resolved config of this run (Hydra's .hydra/config.yaml keeps interpolations)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def checkpoint_path(path: str | None) -> str | None:
-    """Absolute path of an existing checkpoint, or a clear error."""
-    if path is None:
-        return None
-    ckpt = Path(path).expanduser().absolute()
-    if not ckpt.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={path}: no such checkpoint. Checkpoints are in <run dir>/checkpoints/, "
-            "e.g. outputs/<date>/<time>/checkpoints/last.ckpt"
-        )
-    return str(ckpt)
 
 
 def instantiate_group(node: DictConfig | None) -> list:
@@ -187,23 +186,52 @@ def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
     return datamodule, module
 
 
+def checkpoint_directory(callbacks: Sequence[L.Callback], run_dir: Path) -> Path:
+    """Where the run's checkpoints go: the checkpoint callback's folder, else <run_dir>/checkpoints."""
+    folders = [c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    return Path(folders[0]) if folders else run_dir / "checkpoints"
+
+
+def finished_summary(run_dir: Path, step: int, max_steps: int | None) -> dict | None:
+    """The summary of a run that already trained to max_steps and wrote it, else None."""
+    summary = run_dir / "summary.json"
+    if max_steps is None or not 0 <= max_steps <= step or not summary.is_file():
+        return None
+    return json.loads(summary.read_text())
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[L.Callback] = ()) -> dict:
-    """Train per `cfg`; return the run summary (also in <run_dir>/summary.json)."""
+    """Train per `cfg`; return the run summary (also in <run_dir>/summary.json). With ckpt_path=auto a
+    run continues from its directory's newest valid checkpoint, and one that has finished is not
+    trained again."""
     run_dir = with_run_dir(cfg, run_dir)
-    ckpt_path = checkpoint_path(cfg.ckpt_path)
+    check_slurm_layout(cfg.trainer)
     set_threads(cfg.get("threads"))
-    save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg)
+    configured = instantiate_group(cfg.callbacks)
+    max_steps = cfg.trainer.get("max_steps")
+    resume = choose_checkpoint(cfg.ckpt_path, checkpoint_directory(configured, run_dir))
+    ckpt_path = None
+    if resume is not None:
+        ckpt_path, contents = resume
+        step = int(contents["global_step"])
+        finished = finished_summary(run_dir, step, max_steps) if cfg.ckpt_path == AUTO else None
+        if finished is not None:
+            rank_zero_info(f"already finished: {run_dir} trained to step {step}; its summary: {run_dir / 'summary.json'}")
+            return finished
+        check_resumable(ckpt_path, contents, module.hparams, max_steps)
+        rank_zero_info(f"resuming from {ckpt_path} (step {step})")
+    save_config(cfg, run_dir)
 
     loggers = instantiate_group(cfg.logger)
     for logger in loggers:
         logger.log_hyperparams(_plain(cfg))
-    configured = instantiate_group(cfg.callbacks)
     trainer = L.Trainer(
         **_plain(cfg.trainer),
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
         num_sanity_val_steps=0,
@@ -216,6 +244,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
             checkpoints = [c for c in configured if isinstance(c, ModelCheckpoint)]
             last = (checkpoints and checkpoints[0].last_model_path) or "none saved yet"
             raise NonFiniteLossError(f"{error}\nlast good checkpoint: {last}") from error
+        except Preempted as stop:
+            raise stopped_by_signal(stop, run_dir, trainer.global_rank) from stop
+        except SIGTERMException as stop:  # Lightning's, for a SIGTERM before l2m's handlers took over
+            raise RunStopped("stopped by SIGTERM before the first step; nothing was lost: run the same command "
+                             "again", SIGNAL_EXIT_BASE + 15) from stop
         finally:
             finish(loggers)
     summary = next((c.summary for c in configured if isinstance(c, PositionwiseCallback)), None) or {}

@@ -6,7 +6,7 @@
 (GPTConfig, MambaConfig, Mamba2Config). New architectures plug in with `register_architecture`.
 """
 
-from l2m.models.checkpoint import Checkpoint, load_checkpoint, load_pretrained
+from l2m.models.checkpoint import Checkpoint, UnreadableCheckpointError, load_checkpoint, load_pretrained, read_checkpoint
 from l2m.models.config import MixerConfig, ModelConfig
 from l2m.models.gpt import GPT, GPTConfig
 from l2m.models.mamba import Mamba, MambaConfig
@@ -17,6 +17,6 @@ from l2m.models.sequence_model import SequenceModel
 
 __all__ = [
     "ARCHITECTURES", "Checkpoint", "GPT", "load_pretrained", "GPTConfig", "Mamba", "Mamba2", "Mamba2Config", "MambaConfig",
-    "MixerConfig", "MixerStack", "ModelConfig", "SequenceModel", "build_model", "load_checkpoint",
-    "model_config", "register_architecture",
+    "MixerConfig", "MixerStack", "ModelConfig", "SequenceModel", "UnreadableCheckpointError", "build_model",
+    "load_checkpoint", "model_config", "read_checkpoint", "register_architecture",
 ]

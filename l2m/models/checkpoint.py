@@ -27,15 +27,33 @@ class Checkpoint:
     callbacks: dict = field(default_factory=dict)  # callback states by class name
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint at `path` with its model built and loaded (on the CPU, in eval mode)."""
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a readable checkpoint (truncated, empty, not written by torch.save)."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The dict a checkpoint file holds, its tensors memory-mapped (reading the step or the config of
+    a large checkpoint costs little)."""
     path = Path(path).expanduser().absolute()
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such checkpoint. Checkpoints are in <run dir>/checkpoints/, e.g. "
             "outputs/<date>/<time>/checkpoints/last.ckpt"
         )
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises many kinds for a damaged file: zip, pickle, EOF, runtime errors
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
+                                        "it may be truncated by a crash or a full disk") from error
+    if not isinstance(raw, dict) or "global_step" not in raw:
+        raise UnreadableCheckpointError(f"{path} is not an l2m/Lightning training checkpoint")
+    return raw
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at `path` with its model built and loaded (on the CPU, in eval mode)."""
+    path = Path(path).expanduser().absolute()
+    raw = read_checkpoint(path)
     hparams = dict(raw["hyper_parameters"])
     model = build_model(hparams["model"], hparams["io"], max_seq_len=hparams["seq_len"])
     weights = {k[len(_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(_PREFIX)}

@@ -2,12 +2,14 @@
 with its loggers: say how to upload an offline W&B run, close W&B runs between multirun jobs.
 
 W&B runs online when an API key is available (WANDB_API_KEY or a netrc entry for the W&B host)
-and offline otherwise, saying in one line how to upload the run later.
+and offline otherwise, saying in one line how to upload the run later. A run directory keeps its
+W&B run id, so a resumed run (online or offline) continues the same W&B run and its curves.
 """
 
 from __future__ import annotations
 
 import netrc
+import secrets
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,7 +47,8 @@ def wandb_logger(
     tags: list[str] | None = None,
 ) -> WandbLogger:
     """A WandbLogger whose run is started here, on rank 0 only (other ranks log nothing):
-    WandbLogger's own wandb.init passes settings that current wandb versions warn about."""
+    WandbLogger's own wandb.init passes settings that current wandb versions warn about. The run id
+    is kept in <save_dir>/wandb/run-id and reopened by a run resumed in that directory."""
     mode = wandb_mode(mode)
     if mode == "offline":
         os.environ.setdefault("WANDB_SILENT", "true")  # our one line replaces W&B's banner
@@ -55,7 +58,11 @@ def wandb_logger(
     if rank_zero_only.rank == 0:
         import wandb
 
-        experiment = wandb.init(**settings, dir=str(save_dir), mode=mode)
+        id_file = Path(save_dir) / "wandb" / "run-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        experiment = wandb.init(**settings, dir=str(save_dir), mode=mode, id=run_id, resume="allow")
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
     return WandbLogger(experiment=experiment, save_dir=str(save_dir), **settings)
 
 

@@ -9,9 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
 from l2m.models import build_model
+
+
+# Where a checkpoint keeps the optimizer and schedule settings it was trained with.
+SCHEDULE_KEY = "l2m_schedule"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,27 +87,58 @@ class L2MModule(L.LightningModule):
                 "and resume from the last good checkpoint with ckpt_path=..."
             )
 
-    def configure_optimizers(self) -> dict:
+    def optimizer_settings(self) -> dict[str, Any]:
+        """The optimizer and LR-schedule settings this run trains with (total_steps resolved)."""
         cfg = self.hparams.optim
-        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters, nor, as
-        # in mamba-ssm, on parameters tagged `_no_weight_decay` (Mamba's A_log is 2-d).
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
-        groups = [
-            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg["weight_decay"]},
-            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
         total = cfg.get("total_steps") or self.trainer.max_steps
         if total is None or total <= 0:
             raise ValueError("the LR schedule needs a length: set trainer.max_steps or optim.total_steps")
         if cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
-        schedule = partial(
-            warmup_cosine,
-            warmup_steps=cfg["warmup_steps"],
-            total_steps=total,
-            min_lr_ratio=cfg["min_lr_ratio"],
-        )
-        scheduler = LambdaLR(optimizer, schedule)
+        return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": list(cfg["betas"]), "eps": cfg["eps"],
+                "warmup_steps": cfg["warmup_steps"], "total_steps": total, "min_lr_ratio": cfg["min_lr_ratio"]}
+
+    def configure_optimizers(self) -> dict:
+        settings = self.optimizer_settings()
+        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters, nor, as
+        # in mamba-ssm, on parameters tagged `_no_weight_decay` (Mamba's A_log is 2-d).
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
+        groups = [
+            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": settings["weight_decay"]},
+            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"])
+        scheduler = LambdaLR(optimizer, self._lr_multiplier(settings))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @staticmethod
+    def _lr_multiplier(settings: Mapping[str, Any]) -> partial:
+        return partial(warmup_cosine, warmup_steps=settings["warmup_steps"], total_steps=settings["total_steps"],
+                       min_lr_ratio=settings["min_lr_ratio"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SCHEDULE_KEY] = self.optimizer_settings()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming with other optimizer or schedule settings applies them: the optimizer and scheduler
+        states Lightning restores next would otherwise bring back the old learning rate."""
+        if "optimizer_states" not in checkpoint or SCHEDULE_KEY not in checkpoint:
+            return  # weights only, or a checkpoint of an l2m version that did not record its schedule
+        saved, settings = checkpoint[SCHEDULE_KEY], self.optimizer_settings()
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if not changed:
+            return
+        step = checkpoint["global_step"]
+        lr = settings["lr"] * self._lr_multiplier(settings)(step)
+        for state in checkpoint["optimizer_states"]:
+            decay_group, *others = state["param_groups"]  # as configure_optimizers builds them
+            for group in (decay_group, *others):
+                group.update(lr=lr, initial_lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"])
+            decay_group["weight_decay"] = settings["weight_decay"]
+        for scheduler in checkpoint["lr_schedulers"]:
+            scheduler["base_lrs"] = [settings["lr"]] * len(scheduler["base_lrs"])
+            scheduler["_last_lr"] = [lr] * len(scheduler["base_lrs"])
+        names = {"total_steps": "total_steps (optim.total_steps, else trainer.max_steps)"}
+        rank_zero_info(f"resuming at step {step} with new optimizer settings, the LR schedule rebuilt on them: "
+                       + ", ".join(f"{names.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items()))

@@ -1,0 +1,92 @@
+"""Run identity and cluster plumbing: stable run directories (`run_id`), the SLURM job a run is part
+of, its requeue, and the SLURM resources that follow from the trainer config (the resolvers that
+conf/train.yaml and conf/hydra/launcher/*.yaml use)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import datetime
+from typing import Any
+
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
+
+# hydra/launcher options whose sweeps get stable directories (and so resume where they stopped).
+CLUSTER_LAUNCHERS = ("slurm", "local")
+
+
+def run_name(run_id: str | None) -> str:
+    """A run's directory under outputs/: its run_id, else <date>/<time>."""
+    return run_id or datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def sweep_name(run_id: str | None) -> str:
+    """A sweep's directory under multirun/: its run_id; under a cluster launcher the experiment's
+    name (or `sweep`), so that a relaunched sweep finds its jobs; else <date>/<time>."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not run_id and HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        if choices.get("hydra/launcher") in CLUSTER_LAUNCHERS:
+            return choices.get("experiment") or "sweep"
+    return run_name(run_id)
+
+
+def devices_per_node(accelerator: str, devices: Any) -> int:
+    """trainer.devices as a count: SLURM runs one task per device and must know how many."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    raise ValueError(f"trainer.devices={devices!r}: the cluster launchers need the number of devices per node "
+                     f"(one process each), e.g. trainer.devices=8 ({accelerator})")
+
+
+def gpus_per_node(accelerator: str, devices: Any) -> int:
+    return devices_per_node(accelerator, devices) if accelerator in ("gpu", "cuda") else 0
+
+
+def cpus_per_task(threads: int | None, num_workers: int | None) -> int:
+    """A task's CPUs: its torch threads and its DataLoader workers."""
+    return max(1, threads or 1) + (num_workers or 0)
+
+
+for _name, _resolver, _cache in (("run_name", run_name, True), ("sweep_name", sweep_name, True),
+                                 ("devices_per_node", devices_per_node, False), ("gpus_per_node", gpus_per_node, False),
+                                 ("cpus_per_task", cpus_per_task, False)):
+    OmegaConf.register_new_resolver(f"l2m.{_name}", _resolver, use_cache=_cache, replace=True)
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM batch job this process runs in (array jobs as <array id>_<task>), else None."""
+    if not SLURMEnvironment.detect():
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeue(job_id: str) -> str | None:
+    """Put the SLURM job back in the queue; None on success, else why not."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    return None if result.returncode == 0 else (result.stderr.strip() or f"scontrol exited {result.returncode}")
+
+
+def check_slurm_layout(trainer: Any) -> None:
+    """Under SLURM, the job's nodes and tasks per node must be trainer.num_nodes and trainer.devices
+    (Lightning takes each task for one device's process)."""
+    if not SLURMEnvironment.detect():
+        return
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    tasks = int(os.environ.get("SLURM_NTASKS", nodes)) // nodes
+    if trainer.get("num_nodes", 1) != nodes:
+        raise ValueError(f"trainer.num_nodes={trainer.get('num_nodes', 1)}, but this SLURM job has {nodes} node(s): "
+                         f"set trainer.num_nodes={nodes} (hydra/launcher=slurm takes its nodes from trainer.num_nodes)")
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 0 and devices != tasks:
+        raise ValueError(f"trainer.devices={devices}, but this SLURM job runs {tasks} task(s) per node: Lightning runs "
+                         f"one task per device, so submit it with --ntasks-per-node={devices} (hydra/launcher=slurm "
+                         f"does) or set trainer.devices={tasks}")

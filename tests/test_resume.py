@@ -1,0 +1,214 @@
+"""Runs that survive being stopped: a signal checkpoints the step in flight and exits non-zero with the
+command that resumes; ckpt_path=auto continues exactly where the run stopped; checkpoints are written
+crash-safe; resuming checks what the config changes; W&B continues the same run; sweeps run jobs in
+parallel with the results of a sequential sweep. Real signals, processes, Lightning and Hydra."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from l2m.jobs.resume import RunStopped
+from l2m.jobs.run import train
+from l2m.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError, latest_checkpoint
+
+FAST = ["logger=none", "data.levels=2", "data.val_size=8", "data.batch_size=4", "+trainer.enable_progress_bar=false"]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def checkpoint_step(path: Path) -> int:
+    return torch.load(path, weights_only=False, map_location="cpu")["global_step"]
+
+
+class SignalAt(L.Callback):
+    """Sends this process a real signal just before step `step` is trained."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_checkpoints_the_step_in_flight_and_auto_resume_ends_as_an_uninterrupted_run(compose_train, tmp_path, signum):
+    common = [*FAST, "trainer.max_steps=12", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_train_steps=100"]
+    full = train(compose_train(*common), run_dir=tmp_path / "full")
+    with pytest.raises(RunStopped) as stopped:
+        train(compose_train(*common), run_dir=tmp_path / "run", callbacks=[SignalAt(5, signum)])
+    name = signal.Signals(signum).name
+    assert stopped.value.exit_status == 128 + signum
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert str(stopped.value).startswith(f"stopped by {name} at step 6; checkpoint written: {last}")
+    assert "resume with: " in str(stopped.value)
+    assert checkpoint_step(last) == 6 and not (tmp_path / "run" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers of before the fit are back
+
+    resumed = train(compose_train(*common), run_dir=tmp_path / "run")  # ckpt_path=auto is the default
+    assert resumed["avg_kl"] == pytest.approx(full["avg_kl"], rel=1e-6)
+    assert resumed["initial_avg_kl"] == full["initial_avg_kl"] and resumed["step"] == 12
+    assert [step for step, _ in resumed["heldout_history"]] == [step for step, _ in full["heldout_history"]]
+    # the same command once more: already finished, nothing trained again
+    assert train(compose_train(*common), run_dir=tmp_path / "run") == read_summary(tmp_path / "run")
+
+
+def wait_for(pattern: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor)))):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_a_sweep_with_a_nonzero_exit_naming_the_jobs_not_run_and_the_resume_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    job = [*FAST, "trainer.max_steps=600", "callbacks.checkpoint.every_n_train_steps=50"]
+    args = ["-m", *job, "model=tiny-gpt,tiny-mamba", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(sweep / "0_*" / "checkpoints" / "step*.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (job0,) = sweep.glob("0_*")
+    assert checkpoint_step(job0 / "checkpoints" / "last.ckpt") >= 50
+    assert "stopped by SIGTERM at step" in stderr and "the sweep stopped here; these jobs did not run" in stderr
+    (not_run,) = [line for line in stderr.splitlines() if line.startswith("  #")]
+    assert not_run.startswith("  #1 ") and "model=tiny-mamba" in not_run.split()
+    assert not list(sweep.glob("1_*"))  # the second job never started
+    command = shlex.split(stderr.split("resume with: ")[1].splitlines()[0])
+    assert command[:3] == ["python", "train.py", "-m"] and f"hydra.sweep.dir={sweep}" in command
+
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    uninterrupted = run_script("train.py", *job, "model=tiny-gpt", f"hydra.run.dir={tmp_path / 'single'}")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert read_summary(job0)["avg_kl"] == pytest.approx(read_summary(tmp_path / "single")["avg_kl"], rel=1e-6)
+    assert read_summary(next(sweep.glob("1_*")))["model"] == "tiny-mamba"
+
+
+def test_sigkill_while_writing_a_checkpoint_across_filesystems_keeps_the_previous_one(tmp_path):
+    """The run directory on a tmpfs (/dev/shm), $TMPDIR on disk: the layout where Lightning's writer
+    left an empty last.ckpt. Kill a process that rewrites a 40 MB checkpoint in a loop."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    run_dir = Path(tempfile_dir := os.path.join(shm, f"l2m-test-{os.getpid()}"))
+    try:
+        writer = (
+            "import sys, torch\n"
+            "from l2m.training.checkpoints import AtomicCheckpointIO\n"
+            "io = AtomicCheckpointIO()\n"
+            "step = 0\n"
+            "while True:\n"
+            "    io.save_checkpoint({'global_step': step, 'w': torch.full((10_000_000,), float(step))}, sys.argv[1])\n"
+            "    print(step, flush=True); step += 1\n"
+        )
+        process = subprocess.Popen([sys.executable, "-c", writer, str(run_dir / "last.ckpt")], cwd=REPO,
+                                   stdout=subprocess.PIPE, text=True)
+        for _ in range(3):  # a few whole writes, then kill it in the middle of one
+            process.stdout.readline()
+        time.sleep(0.05)
+        process.kill()
+        process.wait()
+        checkpoint = torch.load(run_dir / "last.ckpt", weights_only=False)
+        assert checkpoint["w"][0] == checkpoint["global_step"] >= 2  # whole, and one of the finished writes
+        path, contents = latest_checkpoint(run_dir)  # what ckpt_path=auto reads, and it removes the partial file
+        assert path == run_dir / "last.ckpt" and contents["global_step"] == checkpoint["global_step"]
+    finally:
+        subprocess.run(["rm", "-rf", tempfile_dir])
+
+
+def test_a_full_disk_is_one_clear_error_and_earlier_checkpoints_stay(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs to mount a small tmpfs (root) to fill a disk")
+    try:
+        io = AtomicCheckpointIO()
+        io.save_checkpoint({"global_step": 1, "w": torch.zeros(100_000)}, disk / "last.ckpt")  # 0.4 MB
+        with pytest.raises(CheckpointWriteError, match=r"no space left on the device writing the checkpoint .*last.ckpt; "
+                                                       r"the earlier checkpoints are intact"):
+            io.save_checkpoint({"global_step": 2, "w": torch.zeros(2_000_000)}, disk / "last.ckpt")  # 8 MB
+        assert [p.name for p in disk.iterdir()] == ["last.ckpt"]  # no partial file left behind
+        assert torch.load(disk / "last.ckpt", weights_only=False)["global_step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_auto_resume_skips_a_corrupt_checkpoint_and_takes_the_previous_valid_one(compose_train, tmp_path):
+    common = [*FAST, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.checkpoint.save_top_k=-1"]
+    train(compose_train(*common, "optim.total_steps=12"), run_dir=tmp_path)
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 100)  # a checkpoint destroyed by a crash
+    (tmp_path / "summary.json").unlink()
+    summary = train(compose_train(*common[:-2], "trainer.max_steps=12", "optim.total_steps=12",
+                                  "callbacks.checkpoint.every_n_train_steps=4"), run_dir=tmp_path)
+    assert summary["step"] == 12
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 12
+
+
+def test_resume_rejects_another_model_or_data_and_a_run_length_already_reached(compose_train, tmp_path):
+    common = [*FAST, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=100"]
+    train(compose_train(*common), run_dir=tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"cannot resume from .*last.ckpt: it trained another model or data "
+                                         r"\(model.arch is 'gpt' there and 'mamba' here.*\)"):
+        train(compose_train(*common, "model=tiny-mamba", "trainer.max_steps=8"), run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data.kind is 'subvolume' there and 'log' here"):
+        train(compose_train(*common, "data.kind=log", "trainer.max_steps=8", f"ckpt_path={ckpt}"), run_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"trainer.max_steps=3, but .*last.ckpt is already at step 4: nothing is left to "
+                                         r"train. Raise trainer.max_steps above 4"):
+        train(compose_train(*common, "trainer.max_steps=3", f"ckpt_path={ckpt}"), run_dir=tmp_path / "c")
+    # runtime keys may change: more workers, another backend
+    assert train(compose_train(*common, "trainer.max_steps=6", "data.num_workers=1", f"ckpt_path={ckpt}"),
+                 run_dir=tmp_path / "d")["step"] == 6
+
+
+def test_resume_applies_a_new_learning_rate_and_schedule(compose_train, tmp_path, caplog):
+    common = [*FAST, "callbacks.checkpoint.every_n_train_steps=100", "optim.warmup_steps=2"]
+    train(compose_train(*common, "trainer.max_steps=4"), run_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        train(compose_train(*common, "trainer.max_steps=10", "optim.lr=1e-4", "optim.min_lr_ratio=0.5"), run_dir=tmp_path)
+    assert ("resuming at step 4 with new optimizer settings, the LR schedule rebuilt on them: lr 0.003 -> 0.0001, "
+            "total_steps (optim.total_steps, else trainer.max_steps) 4 -> 10, min_lr_ratio 0.1 -> 0.5") in caplog.text
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4]
+    # at the end of the new cosine schedule: lr x min_lr_ratio
+    assert [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]] == pytest.approx([5e-5, 5e-5])
+
+
+def test_a_resumed_wandb_run_keeps_its_run_id(compose_train, tmp_path):
+    common = [*FAST[1:], "logger=wandb", "callbacks.checkpoint.every_n_train_steps=100", "optim.total_steps=8"]
+    train(compose_train(*common, "trainer.max_steps=4"), run_dir=tmp_path)
+    train(compose_train(*common, "trainer.max_steps=8"), run_dir=tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "wandb" / "run-id").read_text()
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
+
+
+def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep(tmp_path):
+    sweep = ["-m", *FAST, "model=tiny-gpt,tiny-mamba", "trainer.max_steps=30"]
+    parallel = run_script("train.py", *sweep, "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'parallel'}")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "running 2 jobs, 2 at a time" in parallel.stdout
+    sequential = run_script("train.py", *sweep, f"hydra.sweep.dir={tmp_path / 'sequential'}")
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    for job in ("0_*", "1_*"):
+        a, b = (read_summary(next((tmp_path / kind).glob(job))) for kind in ("parallel", "sequential"))
+        assert a["avg_kl"] == b["avg_kl"] and a["model"] == b["model"]
