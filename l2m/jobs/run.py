@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,12 +30,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from l2m.checks import check_int
 from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
+from l2m.jobs.cluster import check_slurm_layout
 from l2m.jobs.multirun_ddp import ddp_job
+from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
+                             stopped_by_signal)
 from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
-from l2m.jobs.cluster import check_slurm_layout
-from l2m.jobs.resume import AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint, stopped_by_signal
 from l2m.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from l2m.training.loggers import announce_offline, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
@@ -248,7 +250,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
             raise stopped_by_signal(stop, run_dir, trainer.global_rank) from stop
         except SIGTERMException as stop:  # Lightning's, for a SIGTERM before l2m's handlers took over
             raise RunStopped("stopped by SIGTERM before the first step; nothing was lost: run the same command "
-                             "again", SIGNAL_EXIT_BASE + 15) from stop
+                             "again", SIGNAL_EXIT_BASE + signal.SIGTERM) from stop
         finally:
             finish(loggers)
     summary = next((c.summary for c in configured if isinstance(c, PositionwiseCallback)), None) or {}
