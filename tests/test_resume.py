@@ -75,7 +75,7 @@ def wait_for(pattern: Path, process: subprocess.Popen, timeout: float = 120) -> 
 
 def test_sigterm_stops_a_sweep_with_a_nonzero_exit_naming_the_jobs_not_run_and_the_resume_command(tmp_path):
     sweep = tmp_path / "sweep"
-    job = [*FAST, "trainer.max_steps=600", "callbacks.checkpoint.every_n_train_steps=50"]
+    job = [*FAST, "trainer.max_steps=300", "callbacks.checkpoint.every_n_train_steps=50"]
     args = ["-m", *job, "model=tiny-gpt,tiny-mamba", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,

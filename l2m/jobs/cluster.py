@@ -67,7 +67,14 @@ def slurm_job_id() -> str | None:
 
 
 def requeue(job_id: str) -> str | None:
-    """Put the SLURM job back in the queue; None on success, else why not."""
+    """Put the SLURM job back in the queue; None on success, else why not. A job started from a sweep
+    of hydra/launcher=slurm is requeued at most hydra.launcher.max_requeues times."""
+    from hydra.core.hydra_config import HydraConfig
+
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    limit = HydraConfig.get().launcher.get("max_requeues") if HydraConfig.initialized() else None
+    if limit is not None and restarts >= limit:
+        return f"it was requeued {restarts} times already, hydra.launcher.max_requeues={limit}"
     try:
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:

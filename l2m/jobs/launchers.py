@@ -11,6 +11,7 @@ instead of stopping at the first failure. They need hydra-submitit-launcher (`pi
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +36,9 @@ class SweepJobsFailed(CompactHydraException):
 
 
 def _last_line(path: Path) -> str:
+    """The job's last line of output (srun's own lines about the task's exit status left out)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("srun: ")]
     except OSError:
         return "no output"
     return lines[-1] if lines else "no output"
@@ -60,8 +62,10 @@ class _SweepLauncher(BaseSubmititLauncher):
         for job, (overrides, _, num, _, _) in zip(jobs, params):
             name = f"#{num} {' '.join(filter_overrides(overrides))}"
             try:
-                result = job.results()[0]
+                result = job.results()[0] if self._wait(job) else None
             except Exception:  # submitit's errors for a job that died or exited without a result
+                result = None
+            if result is None:
                 failed.append(f"{name}: {_last_line(Path(job.paths.stderr))} (log: {job.paths.stderr})")
                 continue
             if result.status == JobStatus.FAILED:
@@ -74,6 +78,10 @@ class _SweepLauncher(BaseSubmititLauncher):
     def _submit(self, params: list[tuple]) -> list:
         raise NotImplementedError
 
+    def _wait(self, job: Any) -> bool:
+        """Wait for the job to end; whether it left a result to read."""
+        return True
+
 
 class SlurmLauncher(_SweepLauncher):
     """One SLURM job per sweep job (a job array), resources from conf/hydra/launcher/slurm.yaml."""
@@ -83,9 +91,9 @@ class SlurmLauncher(_SweepLauncher):
     def _executor(self) -> Any:
         """submitit's SLURM executor with the settings of slurm.yaml (submitit's generic names as they
         are, the others with the prefix `slurm_`)."""
-        own = ("submitit_folder", "max_num_timeout")
+        own = ("submitit_folder", "max_requeues")
         executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+                                         slurm_max_num_timeout=self.params["max_requeues"])
         generic = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in self.params.items() if k not in own})
         return executor
@@ -94,6 +102,18 @@ class SlurmLauncher(_SweepLauncher):
         executor = self._executor()
         print(f"submitting {len(params)} SLURM jobs; their logs: {self.params['submitit_folder']}", flush=True)
         return executor.map_array(self, *zip(*params))
+
+    def _wait(self, job: Any) -> bool:
+        """Wait until the job wrote its result or left the queue (a job that stopped with an error, or
+        was not requeued, writes none). submitit would ask sacct, which never answers on clusters
+        without accounting: a job that ended without a result would be waited for forever."""
+        while not job.paths.result_pickle.exists():
+            queue = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%t"], capture_output=True, text=True)
+            if (queue.returncode == 0 and not queue.stdout.strip()) or "Invalid job id" in queue.stderr:
+                time.sleep(2)  # a result written just before the job left the queue may still be arriving
+                return job.paths.result_pickle.exists()
+            time.sleep(2)
+        return True
 
 
 class LocalLauncher(_SweepLauncher):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -117,7 +116,7 @@ def resume_command(run_dir: Path) -> str:
     if not HydraConfig.initialized():
         return f"train(cfg, run_dir={str(run_dir)!r}) with ckpt_path=auto"
     hydra_cfg = HydraConfig.get()
-    script = shlex.quote(sys.argv[0])
+    script = f"{hydra_cfg.job.name}.py"  # the entry point (sys.argv[0] is submitit's inside its jobs)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         master = _sweep_config(hydra_cfg)
         args = [*master.hydra.overrides.hydra, *master.hydra.overrides.task]

@@ -23,6 +23,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -233,7 +234,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
         **_plain(cfg.trainer),
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
-        plugins=[AtomicCheckpointIO()],
+        # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         default_root_dir=run_dir,
         limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
         num_sanity_val_steps=0,
