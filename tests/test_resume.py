@@ -4,6 +4,7 @@ crash-safe; resuming checks what the config changes; W&B continues the same run;
 parallel with the results of a sequential sweep. Real signals, processes, Lightning and Hydra."""
 
 import json
+import re
 import os
 import shlex
 import signal
@@ -212,3 +213,27 @@ def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep
     for job in ("0_*", "1_*"):
         a, b = (read_summary(next((tmp_path / kind).glob(job))) for kind in ("parallel", "sequential"))
         assert a["avg_kl"] == b["avg_kl"] and a["model"] == b["model"]
+
+
+def test_run_directories_are_stable_where_a_job_may_come_back(compose_train, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    def directories(*overrides):
+        cfg = compose_train(*overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            return str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
+        finally:
+            HydraConfig.instance().cfg = None
+
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run, sweep = directories()
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", run) and re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", sweep)
+    assert directories("run_id=mamba-L4096") == ("outputs/mamba-L4096", "multirun/mamba-L4096")
+    assert directories("hydra/launcher=local", "experiment=gaussian-tiny")[1] == "multirun/gaussian-tiny"
+    assert directories("hydra/launcher=slurm")[1] == "multirun/sweep"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a batch job (SLURM_NTASKS set), kept by a requeue
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert directories()[0] == "outputs/slurm-4242"

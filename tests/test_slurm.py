@@ -67,13 +67,17 @@ def test_a_slurm_sweep_whose_preempted_job_requeues_and_resumes_from_its_signal_
 
 
 def test_a_two_task_ddp_job_under_srun(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    command = f"srun {sys.executable} train.py trainer=ddp-cpu trainer.max_steps=8 {' '.join(FAST)} hydra.run.dir={run_dir}"
-    result = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path / 'log'}",
-                             "--wrap", command], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    """Run as `sbatch` + `srun python train.py` with no run directory given: both tasks, and the job
+    after a requeue, use outputs/slurm-<job id>."""
+    command = f"srun {sys.executable} {REPO / 'train.py'} trainer=ddp-cpu trainer.max_steps=8 {' '.join(FAST)}"
+    result = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1",
+                             f"--output={tmp_path / 'log'}", "--wrap", command], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=400)
     log = (tmp_path / "log").read_text()
     assert result.returncode == 0, log[-3000:]
-    summary = read_summary(run_dir)
+    job_id = result.stdout.strip()
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == [f"slurm-{job_id}"]
+    summary = read_summary(tmp_path / "outputs" / f"slurm-{job_id}")
     assert summary["step"] == 8 and summary["num_sequences"] == 8  # the held-out set, split over the 2 ranks
     assert "MEMBER: 2/2" in log  # both ranks, placed by SLURM's environment
 

@@ -17,8 +17,10 @@ CLUSTER_LAUNCHERS = ("slurm", "local")
 
 
 def run_name(run_id: str | None) -> str:
-    """A run's directory under outputs/: its run_id, else <date>/<time>."""
-    return run_id or datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    """A run's directory under outputs/: its run_id; in a SLURM job slurm-<job id>, which a requeued job
+    keeps and every task of the job shares; else <date>/<time>."""
+    job_id = slurm_job_id()
+    return run_id or (f"slurm-{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
 
 
 def sweep_name(run_id: str | None) -> str:
@@ -50,7 +52,7 @@ def cpus_per_task(threads: int | None, num_workers: int | None) -> int:
     return max(1, threads or 1) + (num_workers or 0)
 
 
-for _name, _resolver, _cache in (("run_name", run_name, True), ("sweep_name", sweep_name, True),
+for _name, _resolver, _cache in (("run_dir_name", run_name, True), ("sweep_dir_name", sweep_name, True),
                                  ("devices_per_node", devices_per_node, False), ("gpus_per_node", gpus_per_node, False),
                                  ("cpus_per_task", cpus_per_task, False)):
     OmegaConf.register_new_resolver(f"l2m.{_name}", _resolver, use_cache=_cache, replace=True)
