@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def is_int(value: object) -> bool:
     """True for an int; bools are rejected (True is not a length)."""
@@ -21,3 +26,41 @@ def check_ints(**bounds: tuple[object, int]) -> None:
     """check_int for every name=(value, low)."""
     for name, (value, low) in bounds.items():
         check_int(name, value, low)
+
+
+def check_device(option: str, device: str) -> str:
+    """`device` if torch can use it here, else a ValueError naming the option, e.g. device=cuda on a
+    machine without CUDA."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"{option}={device!r} is not a device: use cpu, cuda or cuda:<index>") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option}={device}, but torch sees no CUDA device here: use {option}=cpu")
+    return device
+
+
+# Bad input: what every l2m command reports in one line. ConnectionError: a hub dataset or model that
+# cannot be reached; ImportError: an optional package a chosen option needs.
+BAD_INPUT = (ValueError, FileNotFoundError, ImportError, ConnectionError)
+
+
+@contextmanager
+def one_line_errors(*more: type[BaseException], path_hint: str) -> Iterator[None]:
+    """Bad input (and `more`) ends with `error: <message>` and exit status 1, not a traceback. An error
+    of the operating system about a path (missing, not writable, read-only) names the path and
+    `path_hint` (the options that move it). L2M_FULL_ERROR=1 or HYDRA_FULL_ERROR=1 shows the traceback."""
+    try:
+        yield
+    except (*BAD_INPUT, *more, OSError) as error:
+        if os.environ.get("L2M_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raised_by_the_system = isinstance(error, OSError) and error.errno is not None and error.filename is not None
+        if raised_by_the_system:
+            error = f"{error.filename}: {error.strerror}; {path_hint}"
+        elif not isinstance(error, (*BAD_INPUT, *more)):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -9,7 +9,6 @@ import subprocess
 from datetime import datetime
 from typing import Any
 
-from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 # hydra/launcher options whose sweeps get stable directories (and so resume where they stopped).
@@ -58,9 +57,15 @@ for _name, _resolver, _cache in (("run_dir_name", run_name, True), ("sweep_dir_n
     OmegaConf.register_new_resolver(f"l2m.{_name}", _resolver, use_cache=_cache, replace=True)
 
 
+def in_slurm_job() -> bool:
+    """Whether SLURM started this process as a task of a batch job, Lightning's rule (tasks known, not an
+    interactive shell) without the srun hint its SLURMEnvironment.detect() warns with everywhere else."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def slurm_job_id() -> str | None:
     """The SLURM batch job this process runs in (array jobs as <array id>_<task>), else None."""
-    if not SLURMEnvironment.detect():
+    if not in_slurm_job():
         return None
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array_job is not None:
@@ -87,7 +92,7 @@ def requeue(job_id: str) -> str | None:
 def check_slurm_layout(trainer: Any) -> None:
     """Under SLURM, the job's nodes and tasks per node must be trainer.num_nodes and trainer.devices
     (Lightning takes each task for one device's process)."""
-    if not SLURMEnvironment.detect():
+    if not in_slurm_job():
         return
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
     tasks = int(os.environ.get("SLURM_NTASKS", nodes)) // nodes

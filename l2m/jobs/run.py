@@ -9,7 +9,8 @@ groups name by `_target_`.
 from __future__ import annotations
 
 import json
-import os
+import logging
+import re
 import signal
 import sys
 import warnings
@@ -28,10 +29,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2m.checks import check_int
+from l2m.checks import check_device, check_int, one_line_errors
 from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
-from l2m.jobs.cluster import check_slurm_layout
+from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
                              stopped_by_signal)
@@ -45,11 +46,22 @@ from l2m.training.preemption import Preempted
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
-# while every DataLoader worker takes its own batches (l2m.data.stream).
+# while every DataLoader worker takes its own batches (l2m.data.stream). The others are not the
+# user's business: a hint to use srun on any machine with SLURM installed, and Lightning's own use of a
+# deprecated torch API.
 EXPECTED_WARNINGS = (
     "You passed in a `val_dataloader` but have no `validation_step`",
     "Your `IterableDataset` has `__len__` defined",
+    "The `srun` command is available on your system but is not used",
+    "`isinstance(treespec, LeafSpec)` is deprecated",
 )
+# Lightning's advertisements, logged at every Trainer start.
+LIGHTNING_TIPS = "💡 Tip:"
+
+
+class _WithoutTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_TIPS)
 
 
 def _plain(node: Any) -> Any:
@@ -78,31 +90,31 @@ OmegaConf.register_new_resolver("l2m.run_name", lambda: _run_names()[1] or "", r
 
 @contextmanager
 def report_errors() -> Iterator[None]:
-    """Bad input and a diverged run end with their message and exit status 1, not a traceback
-    (HYDRA_FULL_ERROR=1 shows it). ConnectionError: a hub dataset that cannot be reached
-    (l2m.data.text.documents.SourceUnavailableError, raised while preparing the data); ImportError:
-    an optional package a chosen option needs (e.g. backend=kernels without mamba-ssm). A run stopped
-    by a signal exits with 128 + the signal's number, as if killed by it, saying how it resumes. Both
-    exit with SystemExit, so that a sweep stops there instead of going on to the next job."""
+    """Bad input, a diverged run and an unwritable or full disk end with one line and exit status 1
+    (l2m.checks.one_line_errors). A run stopped by a signal exits with 128 + the signal's number, as if
+    killed by it, saying how it resumes. Both exit with SystemExit, so that a sweep stops there instead
+    of going on to the next job."""
     try:
-        yield
+        with one_line_errors(NonFiniteLossError, CheckpointWriteError,
+                             path_hint="check the path, or choose one you can write to (hydra.run.dir=..., "
+                                       "data.cache_dir=...)"):
+            yield
     except RunStopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_status)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError, NonFiniteLossError,
-            CheckpointWriteError) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 @contextmanager
 def expected_warnings_silenced() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        yield
+    lightning_log, tips = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _WithoutTips()
+    lightning_log.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=re.escape(message))
+            yield
+    finally:
+        lightning_log.removeFilter(tips)
 
 
 def with_run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
@@ -230,17 +242,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     loggers = instantiate_group(cfg.logger)
     for logger in loggers:
         logger.log_hyperparams(_plain(cfg))
-    trainer = L.Trainer(
-        **_plain(cfg.trainer),
-        logger=loggers or False,
-        callbacks=[*configured, *callbacks],
-        # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
-        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
-        default_root_dir=run_dir,
-        limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
-        num_sanity_val_steps=0,
-    )
     with ddp_job(), expected_warnings_silenced():
+        trainer = L.Trainer(
+            **_plain(cfg.trainer),
+            logger=loggers or False,
+            callbacks=[*configured, *callbacks],
+            # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
+            plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
+            default_root_dir=run_dir,
+            limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
+            num_sanity_val_steps=0,
+        )
         try:
             announce_offline(loggers)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -286,11 +298,17 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         data = _trained_on_data(checkpoint.hparams["data"], overrides)
         source = str(checkpoint.path)
     save_config(cfg, run_dir)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device("device", cfg.device) if cfg.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     datamodule = instantiate_data(data)
     if datamodule.io_config() != model.io:
         raise ValueError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
+    positions = getattr(model, "max_positions", None)
+    if positions is not None and datamodule.seq_len > positions:
+        raise ValueError(f"the model has learned positions for {positions} tokens, but the data gives L = "
+                         f"{datamodule.seq_len}: evaluate it at L <= {positions}, or train a model with "
+                         "model.positional=rotary, which holds any length")
     datamodule.prepare_data()
     datamodule.setup("validate")
 

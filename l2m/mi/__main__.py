@@ -1,3 +1,3 @@
-from l2m.mi.cli import main
+from l2m.mi.cli import run
 
-main()
+run()

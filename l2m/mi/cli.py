@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from l2m.checks import check_device, one_line_errors
 from l2m.mi.bipartite import bipartite_mi
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy
@@ -57,6 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_split < 2 or args.num_samples < 2 or args.max_distance < 1 or args.count_tokens < 0:
         p.error("need --max-split ≥ 2, --num-samples ≥ 2, --max-distance ≥ 1, --count-tokens ≥ 0")
+    if args.max_split & (args.max_split - 1):
+        p.error(f"--max-split must be a power of 2 (the splits are 2, 4, 8, …), got {args.max_split}: e.g. "
+                f"{1 << (args.max_split.bit_length() - 1)} or {1 << args.max_split.bit_length()}")
+    try:
+        check_device("--device", args.device)
+    except ValueError as error:
+        p.error(str(error))
+    if min(args.ratios) < 2:
+        p.error(f"--ratios are L/ℓ, integers ≥ 2, got {' '.join(map(str, args.ratios))}")
     if args.scorer.startswith("exact:") == (args.corpus is not None):
         p.error("give --corpus for a model scorer, and no --corpus for exact:markov / exact:mixture")
     return args
@@ -73,6 +83,10 @@ def build_scorer(args):
 
         scorer = load_hf_scorer(target, args.device, args.batch_size, args.dtype)
         tokenizer = get_tokenizer(args.tokenizer or target)
+    elif Path(args.scorer).is_dir():
+        last = Path(args.scorer) / "checkpoints" / "last.ckpt"
+        hint = f": --scorer {last}" if last.is_file() else ""
+        raise ValueError(f"--scorer {args.scorer} is a folder; give a checkpoint file{hint}")
     elif args.scorer.endswith(".ckpt"):
         scorer = load_checkpoint_scorer(args.scorer, args.tokenizer, args.device, args.batch_size)
         tokenizer = scorer.tokenizer
@@ -138,10 +152,19 @@ def two_point_report(counter: PairCounter, distances, source=None) -> tuple[dict
     return report, fit
 
 
+def run(argv=None) -> dict:
+    """`python -m l2m.mi`: main, with bad input ending in one line and exit status 1 (2 for usage)."""
+    with one_line_errors(path_hint="check the path, or choose one you can write to (--out, --cache-dir)"):
+        return main(argv)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create it ({error.strerror}); choose a folder you can write to") from error
     generator = torch.Generator().manual_seed(args.seed)
     seq_len = args.seq_len or max(args.ratios) * args.max_split
     splits = [2**k for k in range(1, int(np.log2(args.max_split)) + 1)]

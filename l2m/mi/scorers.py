@@ -115,7 +115,8 @@ def load_checkpoint_scorer(path: str, tokenizer=None, device: str = "cpu", batch
     checkpoint = load_checkpoint(path)
     io = dict(checkpoint.hparams["io"])
     if io.get("kind") != "discrete":
-        raise ValueError(f"MI of text needs a discrete-token model; the checkpoint's io is {io}")
+        raise ValueError(f"{path} was trained on {io.get('kind')} tokens ({io}); the MI of text needs a model trained "
+                         "on text: a text run's checkpoint (data=text...), or hf:<model>")
     if tokenizer is None:
         tokenizer = (checkpoint.hparams.get("data") or {}).get("tokenizer")
         if tokenizer is None:
@@ -139,8 +140,11 @@ def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: s
         raise ImportError("Hugging Face scorers need transformers: pip install 'l2m[hf]'") from err
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    from l2m.models.hf import resolve_folder
+
     dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed
-    model = transformers.AutoModelForCausalLM.from_pretrained(name, **{dtype_arg: getattr(torch, dtype)})
+    folder = resolve_folder(name)  # one clear error for a mistyped folder or an unreachable hub id
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, **{dtype_arg: getattr(torch, dtype)})
     model = model.to(device).eval()
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id

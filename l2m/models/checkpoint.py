@@ -7,6 +7,7 @@ module's arguments (model and io configs, seq_len, optim, the data config traine
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +41,16 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path}: no such checkpoint. Checkpoints are in <run dir>/checkpoints/, e.g. "
             "outputs/<date>/<time>/checkpoints/last.ckpt"
         )
+    if path.stat().st_size == 0:
+        raise UnreadableCheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at its end
+        raise UnreadableCheckpointError(f"{path} is not a checkpoint written by torch.save, or it was truncated "
+                                        "(by a crash or a full disk)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # torch raises many kinds for a damaged file: zip, pickle, EOF, runtime errors
         raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
-                                        "it may be truncated by a crash or a full disk") from error
+                                        "it may be damaged") from error
     if not isinstance(raw, dict) or "global_step" not in raw:
         raise UnreadableCheckpointError(f"{path} is not an l2m/Lightning training checkpoint")
     return raw
@@ -54,10 +60,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """The checkpoint at `path` with its model built and loaded (on the CPU, in eval mode)."""
     path = Path(path).expanduser().absolute()
     raw = read_checkpoint(path)
-    hparams = dict(raw["hyper_parameters"])
+    hparams = dict(raw.get("hyper_parameters") or {})
+    if not {"model", "io", "seq_len"} <= set(hparams) or "state_dict" not in raw:
+        raise UnreadableCheckpointError(f"{path} is not an l2m training checkpoint (no model config and weights of "
+                                        "l2m.training.L2MModule); a Hugging Face model loads with hf:<folder>")
     model = build_model(hparams["model"], hparams["io"], max_seq_len=hparams["seq_len"])
     weights = {k[len(_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(_PREFIX)}
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # torch lists every key; the first line says what kind of mismatch
+        raise UnreadableCheckpointError(f"{path}: its weights do not fit the model its config describes "
+                                        f"({str(error).splitlines()[0]} ...)") from error
     return Checkpoint(path, model.eval(), hparams, int(raw["global_step"]), dict(raw.get("callbacks", {})))
 
 

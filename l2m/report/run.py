@@ -121,7 +121,8 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
     from rich.table import Table
 
     keys = ["model", "params", "seq_len", "dim_z_half", "i_bp_half", "ratio"]
-    if summary.get("avg_kl") is not None:
+    measured = "KL" if summary.get("avg_kl") is not None else "NLL"  # text: the KL is unknown
+    if measured == "KL":
         keys += ["initial_avg_kl", "avg_kl", "avg_kl_se", "kl_first_quarter", "kl_last_quarter"]
     else:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
@@ -140,7 +141,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "bound_half": "linear-state bound after L/2",
         "still_falling": "still improving (last 20%)",
     }
-    table = Table(title="L²M run summary (nats; KL and NLL per token)")
+    table = Table(title=f"L²M run summary (nats; {measured} per token)")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key in keys:

@@ -95,6 +95,11 @@ class L2MModule(L.LightningModule):
             raise ValueError("the LR schedule needs a length: set trainer.max_steps or optim.total_steps")
         if cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+        if not cfg["lr"] > 0 or not cfg["eps"] > 0 or cfg["weight_decay"] < 0:
+            raise ValueError(f"optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr={cfg['lr']}, "
+                             f"eps={cfg['eps']}, weight_decay={cfg['weight_decay']}")
+        if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(cfg['betas'])}")
         return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": list(cfg["betas"]), "eps": cfg["eps"],
                 "warmup_steps": cfg["warmup_steps"], "total_steps": total, "min_lr_ratio": cfg["min_lr_ratio"]}
 

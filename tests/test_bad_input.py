@@ -1,0 +1,145 @@
+"""Bad input ends with one clear line (exit status 1, or 2 for a command-line usage error), never a
+traceback: checkpoints that are not checkpoints, options out of range, devices that are not there,
+paths that cannot be written, scorers that cannot score text. Each case through the code path of its
+command (train.py / evaluate.py: l2m.jobs.report_errors; python -m l2m.mi: l2m.mi.cli.run)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF
+from l2m.jobs import evaluate, report_errors, train
+from l2m.mi.cli import run as mi
+
+RUN = ["logger=none", "+trainer.enable_progress_bar=false", "data.val_size=4", "data.batch_size=4"]
+FAST = [*RUN, "data.levels=2"]
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown where CUDA is missing")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small trained Gaussian GPT (L = 16) and files that are not checkpoints."""
+    root = tmp_path_factory.mktemp("bad")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        train(compose("train", overrides=[*FAST, "trainer.max_steps=2"]), run_dir=root / "run")
+    good = root / "run" / "checkpoints" / "last.ckpt"
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "random.ckpt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    (root / "truncated.ckpt").write_bytes(good.read_bytes()[:5000])
+    return root
+
+
+def command_error(capsys, call) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return exit_.value.code, stderr.strip().splitlines()[-1]
+
+
+NOT_A_CHECKPOINT = "is not a checkpoint written by torch.save, or it was truncated (by a crash or a full disk)"
+TRAIN_CASES = {
+    "random bytes as ckpt_path": (["ckpt_path={root}/random.ckpt"], NOT_A_CHECKPOINT),
+    "empty ckpt_path": (["ckpt_path={root}/empty.ckpt"], "empty.ckpt is empty (0 bytes): not a checkpoint"),
+    "truncated ckpt_path": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
+    "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
+    "negative learning rate": (["optim.lr=-1"], "optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr=-1"),
+    "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    "cache in a folder that cannot be made": (["data=text", "data.seq_len=16", "data.cache_dir=/proc/l2m-cache"],
+                                              "/proc/l2m-cache: No such file or directory; check the path, or choose one "
+                                              "you can write to (hydra.run.dir=..., data.cache_dir=...)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_ends_bad_input_with_one_line(files, tmp_path, capsys, case):
+    overrides, message = TRAIN_CASES[case]
+    base = RUN if "data=text" in overrides else FAST
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*base, "trainer.max_steps=2", *(o.replace("{root}", str(files)) for o in overrides)])
+
+    def call():
+        with report_errors():
+            train(cfg, run_dir=tmp_path)
+
+    status, line = command_error(capsys, call)
+    assert status == 1 and line.startswith("error: ") and message in line, line
+
+
+EVALUATE_CASES = {
+    "truncated checkpoint": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
+    "a length beyond the learned positions": (["ckpt_path={root}/run/checkpoints/last.ckpt", "+data.levels=3"],
+                                              "the model has learned positions for 16 tokens, but the data gives L = 64: "
+                                              "evaluate it at L <= 16, or train a model with model.positional=rotary"),
+    "cuda without CUDA": pytest.param(["ckpt_path={root}/run/checkpoints/last.ckpt", "device=cuda"],
+                                      "device=cuda, but torch sees no CUDA device here: use device=cpu", marks=NO_CUDA),
+}
+
+
+@pytest.mark.parametrize("overrides, message", list(EVALUATE_CASES.values()), ids=list(EVALUATE_CASES))
+def test_evaluate_ends_bad_input_with_one_line(files, tmp_path, capsys, overrides, message):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[o.replace("{root}", str(files)) for o in overrides])
+
+    def call():
+        with report_errors():
+            evaluate(cfg, run_dir=tmp_path)
+
+    status, line = command_error(capsys, call)
+    assert status == 1 and message in line, line
+
+
+MI_CASES = {
+    "random bytes as scorer": (1, ["--scorer", "{root}/random.ckpt", "--corpus", "tests/data/corpus"], NOT_A_CHECKPOINT),
+    "a Gaussian model as scorer": (1, ["--scorer", "{root}/run/checkpoints/last.ckpt", "--corpus", "tests/data/corpus"],
+                                   "was trained on gaussian tokens ({'kind': 'gaussian', 'dim': 64}); the MI of text needs "
+                                   "a model trained on text"),
+    "unknown exact source": (1, ["--scorer", "exact:foo"], "unknown exact source 'foo'; available: markov, mixture"),
+    "missing scorer file": (1, ["--scorer", "{root}/nothing.ckpt", "--corpus", "tests/data/corpus"], "nothing.ckpt: no such checkpoint"),
+    "a run directory as scorer": (1, ["--scorer", "{root}/run", "--corpus", "tests/data/corpus"],
+                                  "run is a folder; give a checkpoint file: --scorer {root}/run/checkpoints/last.ckpt"),
+    "an unreachable hub model": (1, ["--scorer", "hf:nobody/no-such-model", "--corpus", "tests/data/corpus"],
+                                 "nobody/no-such-model: no such local folder, and not reachable as a hub id"),
+    "an output folder that cannot be made": (1, ["--scorer", "exact:markov", "--out", "/proc/l2m-mi"],
+                                             "--out /proc/l2m-mi: cannot create it (No such file or directory); choose a "
+                                             "folder you can write to"),
+    "ratio 1": (2, ["--scorer", "exact:markov", "--ratios", "1"], "--ratios are L/ℓ, integers ≥ 2, got 1"),
+    "a split that is not a power of 2": (2, ["--scorer", "exact:markov", "--max-split", "6"],
+                                         "--max-split must be a power of 2 (the splits are 2, 4, 8, …), got 6: e.g. 4 or 8"),
+    "cuda without CUDA": pytest.param(2, ["--scorer", "exact:markov", "--device", "cuda"],
+                                      "--device=cuda, but torch sees no CUDA device here: use --device=cpu", marks=NO_CUDA),
+}
+
+
+@pytest.mark.parametrize("status, argv, message", list(MI_CASES.values()), ids=list(MI_CASES))
+def test_mi_ends_bad_input_with_one_line(files, tmp_path, capsys, status, argv, message):
+    argv = [a.replace("{root}", str(files)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "mi")]
+    code, line = command_error(capsys, lambda: mi([*argv, "--no-progress"]))
+    assert code == status and message.replace("{root}", str(files)) in line, line
+
+
+def test_a_read_only_run_directory_is_one_line(files, tmp_path, capsys):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs to mount a read-only tmpfs (root)")
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[*FAST, "trainer.max_steps=2"])
+
+        def call():
+            with report_errors():
+                train(cfg, run_dir=disk / "run")
+
+        status, line = command_error(capsys, call)
+        assert status == 1 and line == (f"error: {disk / 'run'}: Read-only file system; check the path, or choose one "
+                                        "you can write to (hydra.run.dir=..., data.cache_dir=...)")
+    finally:
+        subprocess.run(["umount", str(disk)])
+        shutil.rmtree(disk, ignore_errors=True)
