@@ -4,6 +4,7 @@ paths that cannot be written, scorers that cannot score text. Each case through 
 command (train.py / evaluate.py: l2m.jobs.report_errors; python -m l2m.mi: l2m.mi.cli.run)."""
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,67 @@ def test_a_read_only_run_directory_is_one_line(files, tmp_path, capsys):
     finally:
         subprocess.run(["umount", str(disk)])
         shutil.rmtree(disk, ignore_errors=True)
+
+
+# Text the splitter cannot split is read on, not dropped (it used to become one sample).
+def samples_of(text: str, sample_len: int = 64) -> list:
+    from l2m.data.text import get_tokenizer
+    from l2m.data.text.cache import document_samples
+
+    tokenizer = get_tokenizer("byte")
+    ids, char_of_token = tokenizer.encode_offsets([text])[0]
+    return document_samples(text, ids, char_of_token, tokenizer, sample_len)
+
+
+@pytest.mark.parametrize("text", [
+    "the cat sat on the mat. the dog ran after it. " * 400,  # one line, sentences open in lower case
+    "他们说了很多话但是没有结束" * 300,                            # Chinese without a single full stop
+], ids=["lower-case sentences", "Chinese without full stops"])
+def test_text_without_sentence_boundaries_is_cut_at_words_or_tokens(text):
+    samples = samples_of(text)
+    tokens = len(text.encode())
+    assert len(samples) * 64 >= 0.95 * tokens  # nearly every token is in a sample
+    starts = [start for start, _ in samples]
+    assert starts == sorted(set(starts))
+
+
+def test_cjk_full_stops_and_caseless_scripts_end_sentences():
+    from l2m.data.text.sentences import sentence_spans
+
+    for text, expected in [("他来了。她走了！真的吗？好的。", ["他来了。", "她走了！", "真的吗？", "好的。"]),
+                           ("مرحبا بك. كيف حالك؟ أنا بخير.", ["مرحبا بك.", "كيف حالك؟", "أنا بخير."]),
+                           ("He waited… Then he left.", ["He waited…", "Then he left."])]:
+        assert [text[a:b] for a, b in sentence_spans(text)] == expected
+
+
+def test_malformed_jsonl_names_its_file_and_line(tmp_path):
+    from l2m.data.text import load_documents
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "one"}\n{"text": "two"\n')
+    with pytest.raises(ValueError, match=rf"{corpus}:2: not valid JSON \(Expecting ',' delimiter, column \d+\); "
+                                         "a .jsonl file holds one JSON object per line"):
+        list(load_documents(str(corpus)))
+
+
+def test_a_mistyped_folder_is_reported_as_neither_a_folder_nor_a_hub_dataset(monkeypatch):
+    from l2m.data.text import SourceUnavailableError, load_documents
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceUnavailableError, match=r"source='corpos': no such local file or folder \(from .*\), and as "
+                                                     r"a hub dataset \(subset=None, split='train'\) it is not available"):
+        list(load_documents("corpos"))
+
+
+def test_a_cache_build_that_died_leaves_nothing_behind(tmp_path):
+    from l2m.data.text import get_tokenizer, open_cache
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("One sentence here. " * 50)
+    cache = open_cache(str(corpus), get_tokenizer("byte"), 64, cache_dir=tmp_path / "cache", progress=False)
+    abandoned = cache.path.with_name(f"{cache.path.name}.tmp-{socket.gethostname()}-999999999")
+    abandoned.mkdir()  # the build folder of a process that no longer exists
+    (corpus / "b.txt").write_text("Another sentence there. " * 50)  # a new corpus: a new build in the same folder
+    rebuilt = open_cache(str(corpus), get_tokenizer("byte"), 64, cache_dir=tmp_path / "cache", progress=False)
+    assert not rebuilt.hit and not any(".tmp-" in p.name for p in (tmp_path / "cache").iterdir())

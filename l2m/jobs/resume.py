@@ -21,6 +21,8 @@ AUTO = "auto"
 # Keys that change how a run executes or reads its data, not what it trains: free to change on resume.
 RUNTIME_MODEL_KEYS = ("name", "backend", "chunk_size")
 RUNTIME_DATA_KEYS = ("num_workers", "cache_dir", "progress", "streaming", "epoch_size")
+# Data options that may name a local path: kept absolute in the checkpoint, which is read from anywhere.
+PATH_KEYS = ("source", "tokenizer")
 # Exit status of a run stopped by a signal, as a shell reports a process killed by it (128 + number).
 SIGNAL_EXIT_BASE = 128
 
@@ -60,12 +62,24 @@ def choose_checkpoint(requested: str | None, checkpoint_dir: Path) -> tuple[Path
     return latest_checkpoint(checkpoint_dir)
 
 
+def with_absolute_paths(data: Mapping[str, Any]) -> dict:
+    """The data config with its local paths (those that exist here) made absolute."""
+    def absolute(key: str, value: Any) -> Any:
+        if key in PATH_KEYS and isinstance(value, str) and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().absolute())
+        return value
+
+    return {key: absolute(key, value) for key, value in data.items()}
+
+
 def training_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What a checkpoint's training-module arguments and this run's disagree on, in the model or the
     data: keys that change what is trained (runtime keys are free to change)."""
     differences = []
     for section, free in (("model", RUNTIME_MODEL_KEYS), ("data", RUNTIME_DATA_KEYS)):
         old, new = saved.get(section) or {}, current.get(section) or {}
+        if section == "data":  # a checkpoint of an earlier version may hold a relative path
+            old, new = with_absolute_paths(old), with_absolute_paths(new)
         for key in sorted(set(old) | set(new)):
             if key not in free and old.get(key) != new.get(key):
                 differences.append(f"{section}.{key} is {old.get(key)!r} there and {new.get(key)!r} here")

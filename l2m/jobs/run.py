@@ -34,8 +34,8 @@ from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
-from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
-                             stopped_by_signal)
+from l2m.jobs.resume import (AUTO, PATH_KEYS, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path,
+                             choose_checkpoint, stopped_by_signal, with_absolute_paths)
 from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
@@ -177,7 +177,7 @@ def adopt_imported(source: str, preset: dict, imported: dict) -> dict:
 
 
 def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
-    data = _plain(cfg.data)
+    data = with_absolute_paths(_plain(cfg.data))
     datamodule = instantiate_data(data)
     model_config, initial = _plain(cfg.model), None
     if cfg.get("init_from"):
@@ -330,7 +330,14 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
             f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
             f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
         )
-    return {**trained_on, **overrides}
+    data = {**trained_on, **overrides}
+    for key in PATH_KEYS:
+        value = data.get(key)
+        looks_like_a_path = isinstance(value, str) and (value.startswith((".", "/", "~")) or value.count("/") > 1)
+        if looks_like_a_path and not Path(value).expanduser().exists():  # owner/name may be a hub id
+            raise FileNotFoundError(f"the checkpoint's data.{key}={value} is not found from {Path.cwd()}: give its place "
+                                    f"here, data.{key}=<path>")
+    return data
 
 
 def _hf_model_and_data(path_or_id: str, overrides: dict) -> tuple:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,12 @@ from l2m.data.text.sentences import sentence_spans
 from l2m.data.text.documents import load_documents, source_fingerprint
 from l2m.data.text.tokenizer import Tokenizer
 
-CACHE_VERSION = 1  # bump when the sample format or the sampling rule changes
+CACHE_VERSION = 2  # bump when the sample format or the sampling rule changes
 INDEX_DTYPE = np.dtype([("doc", np.int64), ("doc_hash", np.uint64), ("char_start", np.int64)])
 # Documents per tokenizer call (HF tokenizers encode a batch in parallel), capped in characters
 # so that a batch of books (~0.5 MB each) keeps its token offsets small in memory.
 _BATCH_DOCS, _BATCH_CHARS = 64, 4_000_000
+_NEXT_WORD = re.compile(r"\s+(?=\S)")  # where a sample may start when no sentence does
 
 
 @dataclass
@@ -89,37 +91,77 @@ def open_cache(
     hit = (path / "meta.json").exists()
     if not hit:
         docs = load_documents(source, split, text_column, subset, streaming, max_documents)
-        _build(path, docs, tokenizer, sample_len, {"source": source, **key_parts}, progress, f"tokenizing {name}")
+        # a build that lost the race to another process opens the winner's cache, as a hit
+        hit = not _build(path, docs, tokenizer, sample_len, {"source": source, **key_parts}, progress, f"tokenizing {name}")
     return _open(path, hit)
 
 
 def document_samples(
     text: str, ids: np.ndarray, char_of_token: np.ndarray, tokenizer: Tokenizer, sample_len: int
 ) -> list[tuple[int, np.ndarray]]:
-    """[(char_start, tokens (sample_len,))] cut from one document (ids, with each token's char offset)."""
+    """[(char_start, tokens (sample_len,))] cut from one document (ids, with each token's char offset).
+
+    A sample starts at a sentence's start, its first sentence tokenized alone (no whitespace token in
+    front). Where no sentence starts within one sample's length of the previous sample's end (text the
+    splitter cannot split, e.g. lower-case sentence starts, or a sentence longer than a sample), the
+    next sample starts at the next word instead, and without whitespace in reach at the next token, so
+    that such text is read on rather than skipped.
+    """
     spans = sentence_spans(text)
+    if not spans:
+        return []
     sentence_starts = np.asarray([s for s, _ in spans])
-    samples, k = [], 0
-    while k < len(spans):
-        start, end = spans[k]
-        head = tokenizer.encode(text[start:end])[:sample_len]  # no whitespace token in front
-        t = int(np.searchsorted(char_of_token, end))  # first token at or after the sentence's end
+    samples, (start, end) = [], spans[0]
+    while True:
+        head = tokenizer.encode(text[start:end]) if end > start else []
+        if len(head) < sample_len:
+            t = int(np.searchsorted(char_of_token, end))  # first token at or after the sentence's end
+        else:  # a sentence longer than a sample: its tokens as they stand in the document
+            head, t = [], int(np.searchsorted(char_of_token, start))
         stop = t + sample_len - len(head)
         if stop > len(ids):
-            break  # the rest of the document is too short
+            return samples  # the rest of the document is too short
         samples.append((start, np.concatenate([np.asarray(head, dtype=np.int64), ids[t:stop]])))
-        end_char = char_of_token[stop] if stop < len(ids) else len(text)
-        k = max(k + 1, int(np.searchsorted(sentence_starts, end_char)))
-    return samples
+        if stop == len(ids):
+            return samples
+        end_char = int(char_of_token[stop])
+        k = int(np.searchsorted(sentence_starts, end_char))
+        reach = int(char_of_token[min(stop + sample_len, len(ids) - 1)])  # one sample's length on
+        if k < len(spans) and spans[k][0] <= reach:
+            start, end = spans[k]
+        else:
+            word = _NEXT_WORD.search(text, end_char, reach)
+            start = end = word.start() if word else end_char
+
+
+def _remove_abandoned_builds(cache_dir: Path) -> None:
+    """Delete the build folders of processes of this machine that died before finishing them."""
+    for tmp in cache_dir.glob(f"*.tmp-{socket.gethostname()}-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            continue
 
 
 def _build(path: Path, docs: Iterable[str], tokenizer: Tokenizer, sample_len: int, key_parts: dict,
-           progress: bool, desc: str) -> None:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+           progress: bool, desc: str) -> bool:
+    """Tokenize `docs` into the cache at `path`; False when another process finished it first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _remove_abandoned_builds(path.parent)
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        return _build_into(tmp, path, docs, tokenizer, sample_len, key_parts, progress, desc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; removed here after a failure
+
+
+def _build_into(tmp: Path, path: Path, docs: Iterable[str], tokenizer: Tokenizer, sample_len: int, key_parts: dict,
+                progress: bool, desc: str) -> bool:
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     n_docs = n_skipped = n_doc_tokens = 0
     index: list[tuple[int, int, int]] = []
     t0 = time.perf_counter()
@@ -138,7 +180,6 @@ def _build(path: Path, docs: Iterable[str], tokenizer: Tokenizer, sample_len: in
             bar.set_postfix(samples=len(index), skipped=n_skipped)
     seconds = time.perf_counter() - t0
     if not index:
-        shutil.rmtree(tmp)
         raise ValueError(
             f"source={key_parts['source']!r}: none of its {n_docs} documents is long enough for one "
             f"sample of {sample_len} tokens; lower seq_len or use longer documents"
@@ -160,7 +201,8 @@ def _build(path: Path, docs: Iterable[str], tokenizer: Tokenizer, sample_len: in
     try:
         os.replace(tmp, path)  # atomic: readers never see a half-written cache
     except OSError:  # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 def open_tokens(path: Path) -> np.memmap:

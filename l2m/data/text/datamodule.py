@@ -190,7 +190,9 @@ class TextDataModule(StreamDataModule):
         rank_zero_info(
             f"text data: {s['documents']} documents ({s['skipped_short_documents']} too short for one "
             f"{self.sample_len}-token sample, skipped) -> {s['samples']} samples: {s['train_samples']} "
-            f"train, {s['val_samples']} held-out. Cache {cache.path} "
+            f"train, {s['val_samples']} held-out, {s['samples'] - s['train_samples'] - s['val_samples']} left out (the rest "
+            f"of the last held-out document: no document is split between the two); {s['sample_tokens']:,} of the "
+            f"{s['document_tokens']:,} tokens read are in samples. Cache {cache.path} "
             + ("reused." if not self._tokenized else f"built in {s['seconds']:.1f} s ({s['tokens_per_s']:,} tokens/s).")
         )
         self.cache = cache

@@ -110,7 +110,14 @@ def _jsonl_documents(f: Path, text_column: str) -> Iterator[str]:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{f}:{lineno}: not valid JSON ({error.msg}, column {error.colno}); a .jsonl file "
+                                 "holds one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{f}:{lineno}: a JSON {type(record).__name__}, not an object with a "
+                                 f"{text_column!r} field")
             if text_column not in record:
                 raise ValueError(
                     f"{f}:{lineno}: no field text_column={text_column!r}; fields are {sorted(record)}"
@@ -135,7 +142,8 @@ def _hub_documents(
 
     def unavailable(reason: str) -> SourceUnavailableError:
         return SourceUnavailableError(
-            f"hub dataset {source!r} (subset={subset!r}, split={split!r}) is not available: {reason}. "
+            f"source={source!r}: no such local file or folder (from {Path.cwd()}), and as a hub dataset "
+            f"(subset={subset!r}, split={split!r}) it is not available: {reason}. "
             f"Offline, point source= at local files instead: a folder of .txt files, or a .jsonl / "
             f".parquet file with a {text_column!r} field (e.g. data.source=tests/data/corpus). "
             f"A copy already in the Hugging Face cache loads with HF_HUB_OFFLINE=1."

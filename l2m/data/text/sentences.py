@@ -1,17 +1,19 @@
 """An offline, regex-based sentence splitter (no model downloads).
 
-A sentence ends at terminal punctuation (. ! ?, optionally followed by closing quotes or
-brackets) that is followed by whitespace and then something that can open a sentence (an
-upper-case letter, a digit, an opening quote or bracket). Common abbreviations ("Mr.",
-"e.g.") and initials ("J. Smith") do not end a sentence. A blank line (paragraph break)
-always does, so headings without punctuation become sentences of their own.
+A sentence ends at terminal punctuation (. ! ? … and the Arabic and Devanagari ؟ । ॥, optionally
+followed by closing quotes or brackets) that is followed by whitespace and then something that can
+open a sentence (an upper-case letter, a letter of a script without case, a digit, an opening quote
+or bracket). Common abbreviations ("Mr.", "e.g.") and initials ("J. Smith") do not end a sentence.
+The CJK full stops 。！？ end a sentence with or without whitespace after them. A blank line
+(paragraph break) always does, so headings without punctuation become sentences of their own.
 """
 
 from __future__ import annotations
 
 import re
 
-_BOUNDARY = re.compile(r"""[.!?]+["'’”)\]]*\s+|\n[ \t]*\n\s*""")
+_CJK_STOPS = "。！？‼⁇"
+_BOUNDARY = re.compile(rf"""[.!?…؟।॥]+["'’”)\]]*\s+|[{_CJK_STOPS}]+["'’”」』）)\]]*\s*|\n[ \t]*\n\s*""")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _LAST_WORD = re.compile(r"([\w.]+)\.$")
 _OPENERS = "\"'“‘([_"
@@ -42,10 +44,11 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _is_boundary(text: str, m: re.Match) -> bool:
-    if _PARAGRAPH.search(m.group()):
+    if _PARAGRAPH.search(m.group()) or m.group()[0] in _CJK_STOPS:
         return True
     nxt = text[m.end()]
-    if not (nxt.isupper() or nxt.isdigit() or nxt in _OPENERS):
+    caseless_letter = nxt.isalpha() and nxt.lower() == nxt.upper()  # CJK, Arabic, Devanagari, ...
+    if not (nxt.isupper() or caseless_letter or nxt.isdigit() or nxt in _OPENERS):
         return False
     if not m.group().startswith(".") or m.group().startswith(".."):
         return True  # "!", "?" and ellipses are not abbreviations
