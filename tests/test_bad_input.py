@@ -208,3 +208,33 @@ def test_a_cache_build_that_died_leaves_nothing_behind(tmp_path):
     (corpus / "b.txt").write_text("Another sentence there. " * 50)  # a new corpus: a new build in the same folder
     rebuilt = open_cache(str(corpus), get_tokenizer("byte"), 64, cache_dir=tmp_path / "cache", progress=False)
     assert not rebuilt.hit and not any(".tmp-" in p.name for p in (tmp_path / "cache").iterdir())
+
+
+def test_undecodable_text_and_binary_files_are_counted_and_named(tmp_path, caplog):
+    from l2m.data.text import load_documents
+
+    (tmp_path / "french.txt").write_bytes("Le café était très bon. ".encode("latin-1") * 50)
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 8)
+    with caplog.at_level("WARNING"):
+        (doc,) = list(load_documents(str(tmp_path)))
+    assert "\ufffd" in doc
+    assert (f"source={str(tmp_path)!r}: 1 file(s) hold bytes that are not utf-8 (up to 12.5% of a document's characters, "
+            "in french.txt); they were read as U+FFFD. Give the files' encoding: data.encoding=latin-1") in caplog.text
+    assert "skipped 1 binary file(s) (NUL bytes, not text): blob.txt" in caplog.text
+    caplog.clear()
+    (doc,) = list(load_documents(str(tmp_path), encoding="latin-1"))
+    assert doc.startswith("Le café était très bon.") and "hold bytes that are not" not in caplog.text
+    with pytest.raises(ValueError, match="encoding='klingon' is not a text encoding Python knows"):
+        list(load_documents(str(tmp_path), encoding="klingon"))
+
+
+def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys):
+    overrides = ["logger=none", "data.levels=2", "data.val_size=4", "data.epoch_size=10",
+                 "callbacks.checkpoint.every_n_train_steps=15", "optim.total_steps=30"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        train(compose("train", overrides=[*overrides, "trainer.max_steps=15"]), run_dir=tmp_path)
+        first = capsys.readouterr().out  # Lightning's bars write to stdout
+        train(compose("train", overrides=[*overrides, "trainer.max_steps=30"]), run_dir=tmp_path)  # resumed
+        resumed = capsys.readouterr().out
+    assert "training steps" in first and "15/15" in first and "Epoch" not in first
+    assert "15/30" in resumed and "30/30" in resumed  # it starts where the run stopped, across nominal epochs

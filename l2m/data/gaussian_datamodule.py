@@ -71,7 +71,11 @@ class GaussianDataModule(DrawnDataModule):
     ):
         super().__init__()
         if seq_len is not None:
-            levels = levels_of_length(seq_len)
+            length_levels = levels_of_length(seq_len)
+            if levels is not None and levels != length_levels:
+                raise ValueError(f"seq_len={seq_len} (levels={length_levels}) and levels={levels} (L = {4**levels}) "
+                                 "disagree: give one of them")
+            levels = length_levels
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies
         seq_len = self.family.seq_len  # recorded by save_hyperparameters beside levels
         self._set_stream(batch_size, seed, val_size, val_seed, num_workers, epoch_size)

@@ -1,15 +1,15 @@
-"""Run identity and cluster plumbing: stable run directories (`run_id`), the SLURM job a run is part
-of, its requeue, and the SLURM resources that follow from the trainer config (the resolvers that
-conf/train.yaml and conf/hydra/launcher/*.yaml use)."""
+"""Run identity and cluster plumbing: stable run directories (`run_id`), W&B names, the SLURM job a
+run is part of, its requeue, and the SLURM resources that follow from the trainer config (what the
+resolvers of conf/train.yaml and conf/hydra/launcher/*.yaml compute, l2m.jobs.resolvers)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 
 # hydra/launcher options whose sweeps get stable directories (and so resume where they stopped).
 CLUSTER_LAUNCHERS = ("slurm", "local")
@@ -34,6 +34,22 @@ def sweep_name(run_id: str | None) -> str:
     return run_name(run_id)
 
 
+def wandb_names() -> tuple[str | None, str | None]:
+    """W&B group and run name: runs of one multirun (or one experiment) share a group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    group = experiment
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])  # e.g. 2026-11-23/19-20-00
+        group = f"{experiment or 'multirun'} {sweep}"
+    return group, hydra_cfg.job.override_dirname or None
+
+
 def devices_per_node(accelerator: str, devices: Any) -> int:
     """trainer.devices as a count: SLURM runs one task per device and must know how many."""
     if isinstance(devices, int) and devices > 0:
@@ -49,12 +65,6 @@ def gpus_per_node(accelerator: str, devices: Any) -> int:
 def cpus_per_task(threads: int | None, num_workers: int | None) -> int:
     """A task's CPUs: its torch threads and its DataLoader workers."""
     return max(1, threads or 1) + (num_workers or 0)
-
-
-for _name, _resolver, _cache in (("run_dir_name", run_name, True), ("sweep_dir_name", sweep_name, True),
-                                 ("devices_per_node", devices_per_node, False), ("gpus_per_node", gpus_per_node, False),
-                                 ("cpus_per_task", cpus_per_task, False)):
-    OmegaConf.register_new_resolver(f"l2m.{_name}", _resolver, use_cache=_cache, replace=True)
 
 
 def in_slurm_job() -> bool:

@@ -4,16 +4,19 @@ under SLURM, else a non-zero exit with the command that resumes it)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import shlex
 import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from l2m.jobs.cluster import requeue, slurm_job_id
-from l2m.models import read_checkpoint
+from l2m.models import model_config, read_checkpoint
 from l2m.training.checkpoints import latest_checkpoint, remove_partial_files
 from l2m.training.preemption import Preempted
 
@@ -72,14 +75,24 @@ def with_absolute_paths(data: Mapping[str, Any]) -> dict:
     return {key: absolute(key, value) for key, value in data.items()}
 
 
+def with_defaults(section: str, config: Mapping[str, Any]) -> dict:
+    """A model or data config with every option its class takes, the defaults filled in: a checkpoint of
+    an earlier version lacks the options added since, and a relative path there is absolute now."""
+    if section == "model":
+        return {"name": config.get("name"), **dataclasses.asdict(model_config(dict(config)))}
+    parameters = inspect.signature(get_class(config["_target_"])).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return with_absolute_paths({**defaults, **config})
+
+
 def training_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What a checkpoint's training-module arguments and this run's disagree on, in the model or the
     data: keys that change what is trained (runtime keys are free to change)."""
     differences = []
     for section, free in (("model", RUNTIME_MODEL_KEYS), ("data", RUNTIME_DATA_KEYS)):
-        old, new = saved.get(section) or {}, current.get(section) or {}
-        if section == "data":  # a checkpoint of an earlier version may hold a relative path
-            old, new = with_absolute_paths(old), with_absolute_paths(new)
+        old, new = (with_defaults(section, config.get(section) or {}) for config in (saved, current))
+        if old.get("arch") != new.get("arch"):  # another architecture: its options say nothing more
+            old, new = {"arch": old.get("arch")}, {"arch": new.get("arch")}
         for key in sorted(set(old) | set(new)):
             if key not in free and old.get(key) != new.get(key):
                 differences.append(f"{section}.{key} is {old.get(key)!r} there and {new.get(key)!r} here")

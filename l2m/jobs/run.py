@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from l2m.checks import check_device, check_int, one_line_errors
 from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
+from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ uses)
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.jobs.resume import (AUTO, PATH_KEYS, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path,
@@ -43,6 +44,7 @@ from l2m.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from l2m.training.loggers import announce_offline, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
 from l2m.training.preemption import Preempted
+from l2m.training.progress import StepProgressBar
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
@@ -68,24 +70,6 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _run_names() -> tuple[str | None, str | None]:
-    """W&B group and run name: runs of one multirun (or one experiment) share a group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None, None
-    hydra_cfg = HydraConfig.get()
-    experiment = hydra_cfg.runtime.choices.get("experiment")
-    group = experiment
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])  # e.g. 2026-11-23/19-20-00
-        group = f"{experiment or 'multirun'} {sweep}"
-    return group, hydra_cfg.job.override_dirname or None
-
-
-OmegaConf.register_new_resolver("l2m.run_group", lambda: _run_names()[0] or "", replace=True)
-OmegaConf.register_new_resolver("l2m.run_name", lambda: _run_names()[1] or "", replace=True)
 
 
 @contextmanager
@@ -246,7 +230,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
         trainer = L.Trainer(
             **_plain(cfg.trainer),
             logger=loggers or False,
-            callbacks=[*configured, *callbacks],
+            callbacks=[*configured, *callbacks, *([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else [])],
             # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
             plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
             default_root_dir=run_dir,

@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="hub split")
     p.add_argument("--subset", default=None, help="hub dataset configuration, e.g. 20231101.en")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--encoding", default="utf-8", help="of local .txt / .jsonl files")
     p.add_argument("--max-documents", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="byte, a tokenizer dir/file or hub id (default: the checkpoint's, or the hf model's)")
     p.add_argument("--num-samples", type=int, default=256, help="samples for the bipartite estimators")
@@ -101,7 +102,7 @@ def text_samples(args, tokenizer, seq_len: int, generator) -> tuple[torch.Tensor
     from l2m.data.text import open_cache
 
     cache = open_cache(args.corpus, tokenizer, seq_len, args.cache_dir, args.split, args.text_column,
-                       args.subset, args.max_documents, progress=not args.no_progress)
+                       args.subset, args.max_documents, progress=not args.no_progress, encoding=args.encoding)
     n = len(cache)
     if n < args.num_samples:
         warnings.warn(f"the corpus gives {n} samples of {seq_len} tokens, fewer than --num-samples {args.num_samples}")
@@ -114,7 +115,8 @@ def count_text(args, tokenizer, distances, vocab_size) -> tuple[PairCounter, flo
     from l2m.data.text import load_documents
 
     counter, seconds = PairCounter(vocab_size, distances), 0.0
-    docs = load_documents(args.corpus, args.split, args.text_column, args.subset, max_documents=args.max_documents)
+    docs = load_documents(args.corpus, args.split, args.text_column, args.subset, max_documents=args.max_documents,
+                          encoding=args.encoding)
     with tqdm(total=args.count_tokens, unit="tok", desc="counting pairs", disable=args.no_progress) as bar:
         for doc in docs:
             ids = np.asarray(tokenizer.encode(doc)[: args.count_tokens - counter.n_tokens], dtype=np.int64)

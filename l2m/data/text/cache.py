@@ -41,6 +41,9 @@ INDEX_DTYPE = np.dtype([("doc", np.int64), ("doc_hash", np.uint64), ("char_start
 # so that a batch of books (~0.5 MB each) keeps its token offsets small in memory.
 _BATCH_DOCS, _BATCH_CHARS = 64, 4_000_000
 _NEXT_WORD = re.compile(r"\s+(?=\S)")  # where a sample may start when no sentence does
+# How far (in samples) the next sentence start may lie: a shorter skip keeps samples sentence-aligned (a
+# sentence is often longer than a sample of a short context), a longer one would lose that much text.
+SKIP_LIMIT = 4
 
 
 @dataclass
@@ -70,6 +73,7 @@ def open_cache(
     max_documents: int | None = None,
     streaming: bool = True,
     progress: bool = True,
+    encoding: str = "utf-8",
 ) -> SampleCache:
     """Open the cache of (source, tokenizer, sample_len), building it first if it is missing."""
     if sample_len < 1:
@@ -79,6 +83,7 @@ def open_cache(
         "source_fingerprint": source_fingerprint(source, split, text_column, subset),  # "corpus" == "./corpus"
         "split": split,
         "text_column": text_column,
+        "encoding": encoding,
         "subset": subset,
         "max_documents": max_documents,
         "tokenizer": tokenizer.name,
@@ -90,7 +95,7 @@ def open_cache(
     path = Path(cache_dir or default_cache_dir()) / f"{name}-L{sample_len}-{key}"
     hit = (path / "meta.json").exists()
     if not hit:
-        docs = load_documents(source, split, text_column, subset, streaming, max_documents)
+        docs = load_documents(source, split, text_column, subset, streaming, max_documents, encoding)
         # a build that lost the race to another process opens the winner's cache, as a hit
         hit = not _build(path, docs, tokenizer, sample_len, {"source": source, **key_parts}, progress, f"tokenizing {name}")
     return _open(path, hit)
@@ -101,11 +106,11 @@ def document_samples(
 ) -> list[tuple[int, np.ndarray]]:
     """[(char_start, tokens (sample_len,))] cut from one document (ids, with each token's char offset).
 
-    A sample starts at a sentence's start, its first sentence tokenized alone (no whitespace token in
-    front). Where no sentence starts within one sample's length of the previous sample's end (text the
-    splitter cannot split, e.g. lower-case sentence starts, or a sentence longer than a sample), the
-    next sample starts at the next word instead, and without whitespace in reach at the next token, so
-    that such text is read on rather than skipped.
+    A sample starts at a sentence's start (spec §4), its first sentence tokenized alone (no whitespace
+    token in front). Where no sentence starts within SKIP_LIMIT samples' length of the previous
+    sample's end (text the splitter cannot split: lower-case sentence starts, a script it does not
+    know, a sentence longer than that), the next sample starts at the next word instead, and without
+    whitespace in reach at the next token, so that such text is read on rather than skipped.
     """
     spans = sentence_spans(text)
     if not spans:
@@ -126,7 +131,7 @@ def document_samples(
             return samples
         end_char = int(char_of_token[stop])
         k = int(np.searchsorted(sentence_starts, end_char))
-        reach = int(char_of_token[min(stop + sample_len, len(ids) - 1)])  # one sample's length on
+        reach = int(char_of_token[min(stop + SKIP_LIMIT * sample_len, len(ids) - 1)])
         if k < len(spans) and spans[k][0] <= reach:
             start, end = spans[k]
         else:

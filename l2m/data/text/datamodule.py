@@ -130,6 +130,7 @@ class TextDataModule(StreamDataModule):
         num_workers: int = 0,
         epoch_size: int = 1000,
         progress: bool = True,
+        encoding: str = "utf-8",
     ):
         super().__init__()
         check_ints(
@@ -147,7 +148,7 @@ class TextDataModule(StreamDataModule):
         self.sample_len = math.ceil(round(sample_ratio * seq_len, 6))  # round: 1.2 * 5 is 6.000000000000001
         self._cache_args = dict(
             cache_dir=cache_dir, split=split, text_column=text_column, subset=subset,
-            max_documents=max_documents, streaming=streaming, progress=progress,
+            max_documents=max_documents, streaming=streaming, progress=progress, encoding=encoding,
         )
         self.cache: SampleCache | None = None
         self._tokenized = False  # whether this DataModule built the cache (prepare_data or setup)

@@ -6,8 +6,10 @@ Everything downstream (sentence splitting, tokenization, the cache) only sees st
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +17,9 @@ from typing import Iterator
 from l2m.data.text.hub import hub_offline, hub_reachable
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Share of a document's characters that may be undecodable (U+FFFD) before the source gets a warning.
+REPLACED_WARNING = 0.001
+log = logging.getLogger(__name__)
 # Hub datasets published as loading scripts, which datasets >= 4 refuses, and their data-only mirrors.
 PARQUET_MIRRORS = {"deepmind/pg19": "emozilla/pg19"}
 
@@ -30,6 +35,7 @@ def load_documents(
     subset: str | None = None,
     streaming: bool = True,
     max_documents: int | None = None,
+    encoding: str = "utf-8",
 ) -> Iterator[str]:
     """Yield the documents of `source` as strings, in a fixed order.
 
@@ -43,12 +49,19 @@ def load_documents(
     subset: the hub dataset's configuration name (datasets' `name`), e.g. "20231101.en".
     streaming: stream hub datasets instead of downloading them whole first.
     max_documents: stop after this many documents (None = all).
+    encoding: of local .txt and .jsonl files. Bytes it cannot decode become U+FFFD; a source where
+        they pass REPLACED_WARNING of a document's characters ends with a warning naming the option,
+        and files with NUL bytes (binary, not text) are skipped with a count.
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)") from None
     path = Path(source).expanduser()
     if path.exists():
-        docs = _local_documents(path, text_column)
+        docs = _local_documents(path, text_column, encoding)
     elif _looks_like_path(source):
         raise FileNotFoundError(
             f"source={source!r}: no such file or folder. Give a folder of .txt files, a .txt, "
@@ -95,18 +108,32 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _local_documents(path: Path, text_column: str) -> Iterator[str]:
+def _local_documents(path: Path, text_column: str, encoding: str) -> Iterator[str]:
+    binary, damaged, documents = [], {}, 0
     for f in _local_files(path):
-        if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8", errors="replace")
-        elif f.suffix == ".jsonl":
-            yield from _jsonl_documents(f, text_column)
-        else:
-            yield from _parquet_documents(f, text_column)
+        if f.suffix != ".parquet" and b"\0" in f.open("rb").read(8192):
+            binary.append(f.name)
+            continue
+        texts = [f.read_text(encoding=encoding, errors="replace")] if f.suffix == ".txt" else (
+            _jsonl_documents(f, text_column, encoding) if f.suffix == ".jsonl" else _parquet_documents(f, text_column))
+        for text in texts:
+            documents += 1
+            replaced = text.count("\ufffd") / max(1, len(text))
+            if replaced > REPLACED_WARNING:
+                damaged[f.name] = max(replaced, damaged.get(f.name, 0.0))
+            yield text
+    if damaged:
+        worst = max(damaged, key=damaged.get)
+        log.warning(f"source={str(path)!r}: {len(damaged)} file(s) hold bytes that are not {encoding} (up to "
+                    f"{damaged[worst]:.1%} of a document's characters, in {worst}); they were read as U+FFFD. Give "
+                    f"the files' encoding: data.encoding=latin-1 (or cp1252, ...)")
+    if binary:
+        log.warning(f"source={str(path)!r}: skipped {len(binary)} binary file(s) (NUL bytes, not text): "
+                    f"{', '.join(binary[:5])}{' ...' if len(binary) > 5 else ''}")
 
 
-def _jsonl_documents(f: Path, text_column: str) -> Iterator[str]:
-    with f.open(encoding="utf-8") as lines:
+def _jsonl_documents(f: Path, text_column: str, encoding: str) -> Iterator[str]:
+    with f.open(encoding=encoding, errors="replace") as lines:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue

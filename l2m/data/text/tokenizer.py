@@ -94,6 +94,9 @@ def get_tokenizer(name: str = DEFAULT_TOKENIZER, bos_token: str | None = None, e
     path = Path(name).expanduser()
     if path.exists():
         return HFTokenizer(name, _load_local(path), bos_token, eos_token)
+    if name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1:  # hub ids: owner/name
+        raise FileNotFoundError(f"tokenizer={name!r}: no such file or folder (from {Path.cwd()}); give a tokenizer.json "
+                                "or a folder holding one, byte, or a hub id like EleutherAI/gpt-neox-20b")
     return HFTokenizer(name, _load_hub(name), bos_token, eos_token)
 
 
@@ -101,8 +104,8 @@ def _load_hub(name: str):
     from huggingface_hub import hf_hub_download
     from tokenizers import Tokenizer as Backend
 
-    def unavailable(reason: str) -> OSError:
-        return OSError(
+    def unavailable(reason: str) -> ConnectionError:
+        return ConnectionError(
             f"tokenizer={name!r} could not be loaded from the Hugging Face hub: {reason}. Offline, "
             f"use tokenizer=byte, or the path of a local tokenizer.json or tokenizer folder."
         )
