@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
+from conftest import CONF, run_script
 from l2m.jobs import evaluate, report_errors, train
 from l2m.mi.cli import run as mi
 
@@ -31,6 +31,7 @@ def files(tmp_path_factory):
     (root / "empty.ckpt").write_bytes(b"")
     (root / "random.ckpt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     (root / "truncated.ckpt").write_bytes(good.read_bytes()[:5000])
+    (root / "bad.jsonl").write_text('{"text": "A first document."}\nnot json\n')
     return root
 
 
@@ -50,6 +51,14 @@ TRAIN_CASES = {
     "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
     "negative learning rate": (["optim.lr=-1"], "optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr=-1"),
     "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    "seq_len and levels that disagree": (["data.seq_len=16", "data.levels=3"],
+                                         "seq_len=16 (levels=2) and levels=3 (L = 64) disagree: give one of them"),
+    "a local tokenizer file that is not there": (["data=text", "data.seq_len=16", "data.tokenizer=./nowhere/tokenizer.json"],
+                                                 "tokenizer='./nowhere/tokenizer.json': no such file or folder"),
+    "malformed jsonl": (["data=text", "data.seq_len=16", "data.source={root}/bad.jsonl"],
+                        "bad.jsonl:2: not valid JSON (Expecting value, column 1); a .jsonl file holds one JSON object per line"),
+    "an encoding Python does not know": (["data=text", "data.seq_len=16", "data.encoding=klingon"],
+                                         "encoding='klingon' is not a text encoding Python knows"),
     "cache in a folder that cannot be made": (["data=text", "data.seq_len=16", "data.cache_dir=/proc/l2m-cache"],
                                               "/proc/l2m-cache: No such file or directory; check the path, or choose one "
                                               "you can write to (hydra.run.dir=..., data.cache_dir=...)"),
@@ -123,6 +132,30 @@ def test_mi_ends_bad_input_with_one_line(files, tmp_path, capsys, status, argv, 
         argv += ["--out", str(tmp_path / "mi")]
     code, line = command_error(capsys, lambda: mi([*argv, "--no-progress"]))
     assert code == status and message.replace("{root}", str(files)) in line, line
+
+
+def test_an_output_directory_hydra_cannot_create_is_one_line(tmp_path):
+    result = run_script("train.py", "hydra.run.dir=/proc/l2m-run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: cannot create the output directory /proc/l2m-run (No such file or "
+                                     "directory): give a place you can write to, hydra.run.dir=...")
+
+
+def test_a_relative_source_of_an_older_checkpoint_names_the_option_that_moves_it(tmp_path, capsys, monkeypatch):
+    from conftest import REPO
+
+    checkpoint = REPO / "tests" / "data" / "checkpoints" / "mamba-text.ckpt"  # trained on tests/data/corpus, relative
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={checkpoint}"])
+
+    def call():
+        with report_errors():
+            evaluate(cfg, run_dir=tmp_path / "run")
+
+    status, line = command_error(capsys, call)
+    assert status == 1 and line == (f"error: the checkpoint's data.source=tests/data/corpus is not found from {tmp_path}: "
+                                    "give its place here, data.source=<path>")
 
 
 def test_a_read_only_run_directory_is_one_line(files, tmp_path, capsys):

@@ -216,15 +216,9 @@ def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep
 
 
 def test_run_directories_are_stable_where_a_job_may_come_back(compose_train, monkeypatch):
-    from hydra.core.hydra_config import HydraConfig
-
-    def directories(*overrides):
+    def directories(*overrides):  # resolved as Hydra does, before it sets HydraConfig
         cfg = compose_train(*overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        try:
-            return str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
-        finally:
-            HydraConfig.instance().cfg = None
+        return str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
 
     for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_ARRAY_JOB_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 
 # hydra/launcher options whose sweeps get stable directories (and so resume where they stopped).
 CLUSTER_LAUNCHERS = ("slurm", "local")
@@ -22,16 +24,15 @@ def run_name(run_id: str | None) -> str:
     return run_id or (f"slurm-{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
 
 
-def sweep_name(run_id: str | None) -> str:
-    """A sweep's directory under multirun/: its run_id; under a cluster launcher the experiment's
-    name (or `sweep`), so that a relaunched sweep finds its jobs; else <date>/<time>."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not run_id and HydraConfig.initialized():
-        choices = HydraConfig.get().runtime.choices
-        if choices.get("hydra/launcher") in CLUSTER_LAUNCHERS:
-            return choices.get("experiment") or "sweep"
-    return run_name(run_id)
+def sweep_id(run_id: str | None, _root_: Any = None) -> str | None:
+    """A sweep's stable name: its run_id; under a cluster launcher the experiment's name (or `sweep`),
+    so that a relaunched sweep finds its jobs; else None (run_name then gives <date>/<time>). The
+    choices are read from the config being composed: Hydra resolves the sweep directory before it sets
+    HydraConfig."""
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) if _root_ is not None else None
+    if not run_id and choices is not None and choices.get("hydra/launcher") in CLUSTER_LAUNCHERS:
+        return choices.get("experiment") or "sweep"
+    return run_id
 
 
 def wandb_names() -> tuple[str | None, str | None]:

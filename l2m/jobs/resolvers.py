@@ -4,7 +4,7 @@ Hydra resolves a config): `${l2m.<name>:...}`."""
 from omegaconf import OmegaConf
 
 from l2m.data.gaussian import levels_of_length
-from l2m.jobs.cluster import cpus_per_task, devices_per_node, gpus_per_node, run_name, sweep_name, wandb_names
+from l2m.jobs.cluster import cpus_per_task, devices_per_node, gpus_per_node, run_name, sweep_id, wandb_names
 
 
 def gaussian_levels(seq_len: int | None) -> int | None:
@@ -21,7 +21,7 @@ def gaussian_levels(seq_len: int | None) -> int | None:
 # name: (function, cached). Cached: a run's directory is computed once, and every job of a sweep reads it.
 RESOLVERS = {
     "run_dir_name": (run_name, True),
-    "sweep_dir_name": (sweep_name, True),
+    "sweep_id": (sweep_id, False),
     "run_group": (lambda: wandb_names()[0] or "", False),
     "run_name": (lambda: wandb_names()[1] or "", False),
     "devices_per_node": (devices_per_node, False),

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2m.checks import check_device, check_int, one_line_errors
+from l2m.checks import BAD_INPUT, check_device, check_int, one_line_errors
 from l2m.data.contract import L2MData, check_data
 from l2m.evaluation import analyse_state
 from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ uses)
@@ -132,12 +132,14 @@ def instantiate_group(node: DictConfig | None) -> list:
 
 
 def instantiate_data(data: dict) -> L2MData:
-    """The datamodule of a data config; its bad-input ValueError comes out as such."""
+    """The datamodule of a data config; its bad input (ValueError, a missing file, an unreachable hub)
+    comes out as such, its message prefixed with the datamodule."""
     try:
         datamodule = instantiate(data)
     except InstantiationException as error:
-        if isinstance(error.__cause__, ValueError):
-            raise ValueError(f"data ({data.get('_target_')}): {error.__cause__}") from error.__cause__
+        cause = error.__cause__
+        if isinstance(cause, BAD_INPUT):
+            raise type(cause)(f"data ({data.get('_target_')}): {cause}") from cause
         raise
     return check_data(datamodule)
 
