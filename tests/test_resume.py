@@ -231,3 +231,19 @@ def test_run_directories_are_stable_where_a_job_may_come_back(compose_train, mon
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     assert directories()[0] == "outputs/slurm-4242"
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_and_takes_a_new_learning_rate(compose_train, tmp_path, caplog):
+    """tests/data/checkpoints/gpt.ckpt (5 steps of a tiny GPT) records neither its schedule nor the data and
+    model options added since; it resumes under today's config of the same run."""
+    from conftest import REPO
+
+    old = REPO / "tests" / "data" / "checkpoints" / "gpt.ckpt"
+    same_run = ["logger=none", "+trainer.enable_progress_bar=false", "model.d_model=32", "data.levels=2",
+                "data.copies=4", "data.batch_size=4", "data.val_size=8", "optim.warmup_steps=2",
+                "callbacks.checkpoint.every_n_train_steps=100"]
+    with caplog.at_level("INFO"):
+        summary = train(compose_train(*same_run, "trainer.max_steps=7", "optim.lr=1e-4", f"ckpt_path={old}"), run_dir=tmp_path)
+    assert summary["step"] == 7
+    assert "resuming at step 5 with new optimizer settings, the LR schedule rebuilt on them: lr 0.003 -> 0.0001" in caplog.text
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4]

@@ -38,7 +38,8 @@ class SweepJobsFailed(CompactHydraException):
 def _last_line(path: Path) -> str:
     """The job's last line of output (srun's own lines about the task's exit status left out)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("srun: ")]
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith("srun: ")]
     except OSError:
         return "no output"
     return lines[-1] if lines else "no output"
@@ -70,6 +71,7 @@ class _SweepLauncher(BaseSubmititLauncher):
                 continue
             if result.status == JobStatus.FAILED:
                 failed.append(f"{name}: {result._return_value!r} (log: {job.paths.stderr})")
+                continue
             results.append(result)
         if failed:
             raise SweepJobsFailed(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n  " + "\n  ".join(failed))

@@ -130,7 +130,8 @@ def stopped_by_signal(stop: Preempted, run_dir: Path, global_rank: int) -> RunSt
     message = f"stopped by {stop}\nresume with: {resume_command(run_dir)}"
     not_run = sweep_jobs_not_run()
     if not_run:
-        message += "\nthe sweep stopped here; these jobs did not run (the command above runs them):\n  " + "\n  ".join(not_run)
+        message += ("\nthe sweep stopped here; these jobs did not run (the command above runs them):\n  "
+                    + "\n  ".join(not_run))
     return RunStopped(message, status)
 
 
@@ -144,14 +145,12 @@ def resume_command(run_dir: Path) -> str:
         return f"train(cfg, run_dir={str(run_dir)!r}) with ckpt_path=auto"
     hydra_cfg = HydraConfig.get()
     script = f"{hydra_cfg.job.name}.py"  # the entry point (sys.argv[0] is submitit's inside its jobs)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        master = _sweep_config(hydra_cfg)
-        args = [*master.hydra.overrides.hydra, *master.hydra.overrides.task]
-        args = [a for a in args if not a.startswith(("hydra.sweep.dir=", "hydra.mode=", "ckpt_path="))]
-        return " ".join(["python", script, "-m", *map(shlex.quote, args), shlex.quote(f"hydra.sweep.dir={hydra_cfg.sweep.dir}")])
-    args = [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
-    args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.mode=", "ckpt_path="))]
-    return " ".join(["python", script, *map(shlex.quote, args), shlex.quote(f"hydra.run.dir={run_dir}")])
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = _sweep_config(hydra_cfg).hydra.overrides if multirun else hydra_cfg.overrides
+    directory = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if multirun else f"hydra.run.dir={run_dir}"
+    kept = [a for a in (*overrides.hydra, *overrides.task)
+            if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir=", "hydra.mode=", "ckpt_path="))]
+    return " ".join(["python", script, *(["-m"] if multirun else []), *map(shlex.quote, [*kept, directory])])
 
 
 def _sweep_config(hydra_cfg: Any) -> Any:

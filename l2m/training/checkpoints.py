@@ -63,8 +63,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             if _out_of_space(error):
                 raise CheckpointWriteError(
-                    errno.ENOSPC, f"no space left on the device writing the checkpoint {path}; the earlier "
-                    "checkpoints are intact: free space there (or move the run directory) and resume"
+                    f"no space left on the device writing the checkpoint {path}; the earlier checkpoints are "
+                    "intact: free space there (or move the run directory) and resume"
                 ) from error
             raise
 

@@ -126,14 +126,15 @@ class L2MModule(L.LightningModule):
         checkpoint[SCHEDULE_KEY] = self.optimizer_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming with other optimizer or schedule settings applies them: the optimizer and scheduler
-        states Lightning restores next would otherwise bring back the old learning rate."""
-        if "optimizer_states" not in checkpoint or SCHEDULE_KEY not in checkpoint:
-            return  # weights only, or a checkpoint of an l2m version that did not record its schedule
-        saved, settings = checkpoint[SCHEDULE_KEY], self.optimizer_settings()
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if not changed:
-            return
+        """A resumed run trains with this run's optimizer and schedule settings: the optimizer and
+        scheduler states Lightning restores next would otherwise bring back the old learning rate.
+        Rebuilt at the resumed step, the rate is the scheduler's own where nothing changed."""
+        if "optimizer_states" not in checkpoint:
+            return  # weights only
+        settings = self.optimizer_settings()
+        # older checkpoints recorded only their optim config, whose length may be unresolved (None)
+        saved = checkpoint.get(SCHEDULE_KEY) or dict(checkpoint.get("hyper_parameters", {}).get("optim") or {})
+        changed = {k: (saved[k], v) for k, v in settings.items() if saved.get(k) is not None and saved[k] != v}
         step = checkpoint["global_step"]
         lr = settings["lr"] * self._lr_multiplier(settings)(step)
         for state in checkpoint["optimizer_states"]:
@@ -144,6 +145,7 @@ class L2MModule(L.LightningModule):
         for scheduler in checkpoint["lr_schedulers"]:
             scheduler["base_lrs"] = [settings["lr"]] * len(scheduler["base_lrs"])
             scheduler["_last_lr"] = [lr] * len(scheduler["base_lrs"])
-        names = {"total_steps": "total_steps (optim.total_steps, else trainer.max_steps)"}
-        rank_zero_info(f"resuming at step {step} with new optimizer settings, the LR schedule rebuilt on them: "
-                       + ", ".join(f"{names.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items()))
+        if changed:
+            names = {"total_steps": "total_steps (optim.total_steps, else trainer.max_steps)"}
+            rank_zero_info(f"resuming at step {step} with new optimizer settings, the LR schedule rebuilt on them: "
+                           + ", ".join(f"{names.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items()))

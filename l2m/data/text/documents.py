@@ -12,7 +12,7 @@ import json
 import logging
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from l2m.data.text.hub import hub_offline, hub_reachable
 
@@ -108,16 +108,26 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def _is_binary(f: Path) -> bool:
+    with f.open("rb") as file:
+        return b"\0" in file.read(8192)
+
+
+def _file_documents(f: Path, text_column: str, encoding: str) -> Iterable[str]:
+    if f.suffix == ".txt":
+        return [f.read_text(encoding=encoding, errors="replace")]
+    if f.suffix == ".jsonl":
+        return _jsonl_documents(f, text_column, encoding)
+    return _parquet_documents(f, text_column)
+
+
 def _local_documents(path: Path, text_column: str, encoding: str) -> Iterator[str]:
-    binary, damaged, documents = [], {}, 0
+    binary, damaged = [], {}
     for f in _local_files(path):
-        if f.suffix != ".parquet" and b"\0" in f.open("rb").read(8192):
+        if f.suffix != ".parquet" and _is_binary(f):
             binary.append(f.name)
             continue
-        texts = [f.read_text(encoding=encoding, errors="replace")] if f.suffix == ".txt" else (
-            _jsonl_documents(f, text_column, encoding) if f.suffix == ".jsonl" else _parquet_documents(f, text_column))
-        for text in texts:
-            documents += 1
+        for text in _file_documents(f, text_column, encoding):
             replaced = text.count("\ufffd") / max(1, len(text))
             if replaced > REPLACED_WARNING:
                 damaged[f.name] = max(replaced, damaged.get(f.name, 0.0))
