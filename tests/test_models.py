@@ -178,3 +178,30 @@ def test_bad_inputs_errors():
         gauss(torch.zeros(1, 4, 6))
     with pytest.raises(ValueError, match="n_past must be an int >= 0"):
         gauss.history_state_size(-1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt", "tiny-mamba", "tiny-mamba2"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset):
+    """model.checkpointing=true recomputes each block in the backward pass: loss and every gradient are
+    bit-identical (float64; GPT with dropout, whose draws the recomputation replays)."""
+    from conftest import CONF
+
+    config = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())
+    config.update({"dropout": 0.1} if config["arch"] == "gpt" else {"backend": "torch"})
+    generator = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(2, 33, 8, generator=generator, dtype=torch.float64),
+             "mean": torch.randn(2, 32, 8, generator=generator, dtype=torch.float64),
+             "std": torch.rand(1, 32, 8, generator=generator, dtype=torch.float64) + 0.5}
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model({**config, "checkpointing": checkpointing}, {"kind": "gaussian", "dim": 8}, max_seq_len=32)
+        model = model.double().train()
+        torch.manual_seed(2)  # the dropout draws
+        loss = model.losses(batch)["loss"]
+        loss.backward()
+        runs.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = runs
+    assert loss_checkpointed == loss
+    for name, grad in grads.items():
+        assert torch.equal(grads_checkpointed[name], grad), name

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
 
 from l2m.checks import check_int
 
 NORMS = ("rms", "layer")
+
+
+def call_block(block: nn.Module, *args: Tensor, checkpointing: bool) -> Any:
+    """block(*args); with `checkpointing` while gradients are on, its activations are not kept but
+    recomputed in the backward pass (the same numbers: the RNG state is replayed)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 @dataclass(kw_only=True)
@@ -28,6 +40,7 @@ class ModelConfig:
     name: str | None = None
     pad_vocab_size_multiple: int = 1  # discrete io: embedding rows rounded up to a multiple (speed)
     tie_embeddings: bool = True  # discrete io: LM head shares the embedding matrix
+    checkpointing: bool = False  # training: recompute each block's activations in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         for cls in type(self).__mro__:

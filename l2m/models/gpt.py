@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from l2m.models.config import ModelConfig
+from l2m.models.config import ModelConfig, call_block
 
 POSITIONAL = ("learned", "rotary")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact GELU, or its tanh approximation (GPT-2's "gelu_new")
@@ -152,7 +152,7 @@ class GPT(nn.Module):
         """x (B, T, d_model) embedded tokens -> (B, T, d_model)."""
         x = self.drop(self._add_positions(x, 0))
         for block in self.h:
-            x, _ = block(x)
+            x, _ = call_block(block, x, checkpointing=self.config.checkpointing)
         return self.ln_f(x)
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[KVCache, ...]:

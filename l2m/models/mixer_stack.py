@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from l2m.models.config import MixerConfig
+from l2m.models.config import MixerConfig, call_block
 
 
 class MixerBlock(nn.Module):
@@ -53,7 +53,7 @@ class MixerStack(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = call_block(layer, x, checkpointing=self.config.checkpointing)
         return self.norm_f(x)
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple:
