@@ -176,3 +176,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_gaussian_levels_out_of_range_name_the_allowed_values(compose_train, tmp_path):
     with pytest.raises(ValueError, match=r"data \(.*GaussianDataModule\): levels must be an int in 1..8"):
         train(compose_train(*FAST, "data.levels=9"), run_dir=tmp_path)
+
+
+def test_every_run_logs_its_tokens_per_second_and_mfu_only_where_the_peak_is_known(compose_train, tmp_path):
+    from l2m.training.throughput import peak_flops
+
+    cfg = compose_train(*FAST[1:], "logger=csv", "data.levels=2", "trainer.max_steps=30", "trainer.log_every_n_steps=5")
+    train(cfg, run_dir=tmp_path)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    rates = [float(row["perf/tokens_per_sec"]) for row in rows if row.get("perf/tokens_per_sec")]
+    assert len(rates) == 6 and all(math.isfinite(r) and r > 0 for r in rates)  # steps 5, 10, ..., 30
+    assert "perf/mfu" not in rows[0]  # a CPU has no known peak
+    assert peak_flops("NVIDIA H200", "bf16-mixed") == 989e12 and peak_flops("NVIDIA H200", "32-true") == 67e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3", "16-mixed") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") == 19.5e12
+    assert peak_flops("cpu", "32-true") is None and peak_flops("NVIDIA GeForce RTX 4090", "bf16-mixed") is None

@@ -155,6 +155,11 @@ class GPT(nn.Module):
             x, _ = call_block(block, x, checkpointing=self.config.checkpointing)
         return self.ln_f(x)
 
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token besides its linear layers: Q Kᵀ and the weighted sum of V over the
+        whole context, as dense attention computes them (causal kernels skip about half)."""
+        return self.n_layer * 4 * seq_len * self.d_model
+
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[KVCache, ...]:
         """Empty KV cache: per layer (k, v), each (B, n_head, 0, head_dim)."""
         device = device if device is not None else self.ln_f.weight.device

@@ -160,3 +160,8 @@ class Mamba(nn.Module):
     def state_breakdown(self) -> dict[str, int]:
         """Scalars of recurrent state per sequence (constant in the number of tokens read)."""
         return {"ssm": self.d_inner * self.d_state, "conv": self.d_inner * (self.d_conv - 1)}
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token besides its linear layers: the depthwise conv and the selective scan
+        (9 per state element, mamba-ssm's count)."""
+        return 2 * self.d_conv * self.d_inner + 9 * self.d_inner * self.d_state

@@ -196,3 +196,10 @@ class Mamba2(nn.Module):
     def state_breakdown(self) -> dict[str, int]:
         """Scalars of history state per sequence (constant in time)."""
         return {"ssm": self.nheads * self.headdim * self.d_state, "conv": self.conv_dim * (self.d_conv - 1)}
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token besides its linear layers: the depthwise conv and the chunked SSD
+        (per chunk of Q tokens: C Bᵀ per group, then per head the masked product with X, the chunk's
+        state Bᵀ X and the read-out C h)."""
+        q, n, p = self.chunk_size, self.d_state, self.headdim
+        return 2 * self.d_conv * self.conv_dim + 2 * q * n * self.ngroups + self.nheads * (2 * q * p + 4 * n * p)

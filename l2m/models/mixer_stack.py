@@ -56,6 +56,11 @@ class MixerStack(nn.Module):
             x = call_block(layer, x, checkpointing=self.config.checkpointing)
         return self.norm_f(x)
 
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Its mixers' forward FLOPs per token besides their linear layers (a mixer with none beside
+        them needs no extra_flops_per_token)."""
+        return sum(getattr(layer.mixer, "extra_flops_per_token", lambda _: 0)(seq_len) for layer in self.layers)
+
     def init_state(self, batch: int, device=None, dtype=None) -> tuple:
         return tuple(layer.mixer.init_state(batch, device, dtype) for layer in self.layers)
 

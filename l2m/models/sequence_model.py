@@ -62,6 +62,14 @@ class SequenceModel(nn.Module):
         short-convolution window, i.e. the KV cache of attention or the recurrent SSM state."""
         return sum(n for part, n in self.history_state_breakdown(n_past).items() if part != "conv")
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at context seq_len: 2 per multiply-add of every linear layer (the
+        blocks' projections and MLPs, the adapters, the LM head), plus what the backbone computes besides
+        (attention over the context, convolutions, scans: its `extra_flops_per_token`). A training step
+        costs 3x: forward and backward."""
+        linear = sum(module.weight.numel() for module in self.modules() if isinstance(module, nn.Linear))
+        return 2 * linear + self.backbone.extra_flops_per_token(seq_len)
+
     def num_params(self) -> int:
         """Trainable parameters, tied weights counted once."""
         return sum(p.numel() for p in self.parameters())
