@@ -48,12 +48,13 @@ from l2m.training.progress import StepProgressBar
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
-# while every DataLoader worker takes its own batches (l2m.data.stream). The others are not the
-# user's business: a hint to use srun on any machine with SLURM installed, and Lightning's own use of a
-# deprecated torch API.
+# while every DataLoader worker takes its own batches (l2m.data.stream); a run resumes in its own
+# checkpoint folder (ckpt_path=auto). The others are not the user's business: a hint to use srun on
+# any machine with SLURM installed, and Lightning's own use of a deprecated torch API.
 EXPECTED_WARNINGS = (
     "You passed in a `val_dataloader` but have no `validation_step`",
     "Your `IterableDataset` has `__len__` defined",
+    "Checkpoint directory",
     "The `srun` command is available on your system but is not used",
     "`isinstance(treespec, LeafSpec)` is deprecated",
 )
