@@ -43,6 +43,15 @@ def command_error(capsys, call) -> tuple[int, str]:
     return exit_.value.code, stderr.strip().splitlines()[-1]
 
 
+def job_error(capsys, job, cfg, run_dir) -> tuple[int, str]:
+    """(exit status, last line of stderr) of train or evaluate run as train.py / evaluate.py run them."""
+    def call():
+        with report_errors():
+            job(cfg, run_dir=run_dir)
+
+    return command_error(capsys, call)
+
+
 NOT_A_CHECKPOINT = "is not a checkpoint written by torch.save, or it was truncated (by a crash or a full disk)"
 TRAIN_CASES = {
     "random bytes as ckpt_path": (["ckpt_path={root}/random.ckpt"], NOT_A_CHECKPOINT),
@@ -72,11 +81,7 @@ def test_train_ends_bad_input_with_one_line(files, tmp_path, capsys, case):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[*base, "trainer.max_steps=2", *(o.replace("{root}", str(files)) for o in overrides)])
 
-    def call():
-        with report_errors():
-            train(cfg, run_dir=tmp_path)
-
-    status, line = command_error(capsys, call)
+    status, line = job_error(capsys, train, cfg, tmp_path)
     assert status == 1 and line.startswith("error: ") and message in line, line
 
 
@@ -95,11 +100,7 @@ def test_evaluate_ends_bad_input_with_one_line(files, tmp_path, capsys, override
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[o.replace("{root}", str(files)) for o in overrides])
 
-    def call():
-        with report_errors():
-            evaluate(cfg, run_dir=tmp_path)
-
-    status, line = command_error(capsys, call)
+    status, line = job_error(capsys, evaluate, cfg, tmp_path)
     assert status == 1 and message in line, line
 
 
@@ -149,11 +150,7 @@ def test_a_relative_source_of_an_older_checkpoint_names_the_option_that_moves_it
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={checkpoint}"])
 
-    def call():
-        with report_errors():
-            evaluate(cfg, run_dir=tmp_path / "run")
-
-    status, line = command_error(capsys, call)
+    status, line = job_error(capsys, evaluate, cfg, tmp_path / "run")
     assert status == 1 and line == (f"error: the checkpoint's data.source=tests/data/corpus is not found from {tmp_path}: "
                                     "give its place here, data.source=<path>")
 
@@ -167,11 +164,7 @@ def test_a_read_only_run_directory_is_one_line(files, tmp_path, capsys):
         with initialize_config_dir(str(CONF), version_base="1.3"):
             cfg = compose("train", overrides=[*FAST, "trainer.max_steps=2"])
 
-        def call():
-            with report_errors():
-                train(cfg, run_dir=disk / "run")
-
-        status, line = command_error(capsys, call)
+        status, line = job_error(capsys, train, cfg, disk / "run")
         assert status == 1 and line == (f"error: {disk / 'run'}: Read-only file system; check the path, or choose one "
                                         "you can write to (hydra.run.dir=..., data.cache_dir=...)")
     finally:
