@@ -247,3 +247,22 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_takes_a_new_learning_rat
     assert summary["step"] == 7
     assert "resuming at step 5 with new optimizer settings, the LR schedule rebuilt on them: lr 0.003 -> 0.0001" in caplog.text
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4]
+
+
+@pytest.mark.parametrize("visible, gpus_per_job, max_parallel, slots", [
+    ("0,1,2,3", 1, None, [(0,), (1,), (2,), (3,)]),
+    ("0,1,2,3", 2, None, [(0, 1), (2, 3)]),
+    ("4,5,6", 2, None, [(4, 5)]),               # the devices this process may see, by their ids
+    ("0,1,2,3,4,5,6,7", 1, 3, [(0,), (1,), (2,)]),
+])
+def test_local_launcher_gives_each_job_gpus_of_its_own(monkeypatch, visible, gpus_per_job, max_parallel, slots):
+    from hydra_plugins.l2m_launchers.l2m_launchers import LocalLauncher
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    launcher = LocalLauncher(submitit_folder="x", gpus_per_job=gpus_per_job, max_parallel=max_parallel, threads=1,
+                             timeout_min=1)
+    assert launcher._slots() == slots
+    cpu = LocalLauncher(submitit_folder="x", gpus_per_job=0, max_parallel=None, threads=1, timeout_min=1)
+    assert cpu._slots() == [()] * os.cpu_count()  # CPU jobs: one per core at threads=1
+    with pytest.raises(ValueError, match="gpus_per_job=16, but this machine shows"):
+        LocalLauncher(submitit_folder="x", gpus_per_job=16, max_parallel=None, threads=1, timeout_min=1)._slots()
