@@ -48,8 +48,9 @@ class PreemptionCallback(L.Callback):
             signal.signal(signum, self._note)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        received = torch.tensor(self.received or 0, device=pl_module.device)
-        signum = int(trainer.strategy.reduce(received, reduce_op="max")) if trainer.world_size > 1 else int(received)
+        signum = self.received or 0
+        if trainer.world_size > 1:  # every rank stops at the same step, whichever got the signal
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
         if not signum:
             return
         path = self.dirpath / "last.ckpt"
