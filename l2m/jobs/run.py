@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2m.checks import BAD_INPUT, check_device, check_int, one_line_errors
 from l2m.data.contract import L2MData, check_data
+from l2m.data.text.hub import looks_like_local_path
 from l2m.evaluation import analyse_state
 from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ uses)
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
@@ -320,8 +321,7 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
     data = {**trained_on, **overrides}
     for key in PATH_KEYS:
         value = data.get(key)
-        looks_like_a_path = isinstance(value, str) and (value.startswith((".", "/", "~")) or value.count("/") > 1)
-        if looks_like_a_path and not Path(value).expanduser().exists():  # owner/name may be a hub id
+        if isinstance(value, str) and looks_like_local_path(value) and not Path(value).expanduser().exists():
             raise FileNotFoundError(f"the checkpoint's data.{key}={value} is not found from {Path.cwd()}: give its place "
                                     f"here, data.{key}=<path>")
     return data

@@ -35,8 +35,7 @@ class ThroughputCallback(L.Callback):
     over DDP ranks) and perf/mfu where the device's peak is known."""
 
     def __init__(self, window: int = 20):
-        self.window = window
-        self._ends: deque[float] = deque(maxlen=window + 1)
+        self._ends: deque[float] = deque(maxlen=window + 1)  # the last `window` steps' end times, and one before
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ends.clear()

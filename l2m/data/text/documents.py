@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from l2m.data.text.hub import hub_offline, hub_reachable
+from l2m.data.text.hub import hub_offline, hub_reachable, looks_like_local_path
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Share of a document's characters that may be undecodable (U+FFFD) before the source gets a warning.
@@ -62,7 +62,7 @@ def load_documents(
     path = Path(source).expanduser()
     if path.exists():
         docs = _local_documents(path, text_column, encoding)
-    elif _looks_like_path(source):
+    elif looks_like_local_path(source, LOCAL_SUFFIXES):
         raise FileNotFoundError(
             f"source={source!r}: no such file or folder. Give a folder of .txt files, a .txt, "
             f".jsonl or .parquet file, or a hub dataset id like 'emozilla/pg19'."
@@ -86,15 +86,6 @@ def source_fingerprint(source: str, split: str, text_column: str, subset: str | 
     else:
         parts = ["hub", source, str(subset), split, text_column]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _looks_like_path(source: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else with separators or a suffix is a path.
-    return (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or source.endswith(LOCAL_SUFFIXES)
-    )
 
 
 def _local_files(path: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Fail fast when the Hugging Face hub cannot be reached.
+"""Fail fast when the Hugging Face hub cannot be reached, and tell hub ids from local paths.
 
 Left alone, datasets and huggingface_hub retry an unreachable hub for about 20 s before
 giving up; a short TCP probe answers in milliseconds (DNS failure) or a few seconds.
@@ -33,3 +33,10 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
         return True
     except OSError:
         return False
+
+
+def looks_like_local_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether a name that is not on disk was meant as a local path: hub ids are "name" or
+    "owner/name", so anything starting with . / ~, with more than one separator, or ending in one of
+    `suffixes` (file types) is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(suffixes)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2m.data.text.hub import hub_offline, hub_reachable
+from l2m.data.text.hub import hub_offline, hub_reachable, looks_like_local_path
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 _BOS_CANDIDATES = ("<|endoftext|>", "<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
@@ -94,7 +94,7 @@ def get_tokenizer(name: str = DEFAULT_TOKENIZER, bos_token: str | None = None, e
     path = Path(name).expanduser()
     if path.exists():
         return HFTokenizer(name, _load_local(path), bos_token, eos_token)
-    if name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1:  # hub ids: owner/name
+    if looks_like_local_path(name, (".json",)):
         raise FileNotFoundError(f"tokenizer={name!r}: no such file or folder (from {Path.cwd()}); give a tokenizer.json "
                                 "or a folder holding one, byte, or a hub id like EleutherAI/gpt-neox-20b")
     return HFTokenizer(name, _load_hub(name), bos_token, eos_token)
