@@ -136,6 +136,19 @@ def test_discrete_head_is_tied_and_padding_rows_are_hidden():
     assert model(tokens(IOS["discrete"], 2, 4)).shape == (2, 4, 37)
 
 
+@pytest.mark.parametrize("embedding_std, init_std", [(0.02, 0.02), (1.0, 0.08)])
+def test_embedding_and_init_std_set_the_initial_weights(embedding_std, init_std):
+    torch.manual_seed(0)
+    model = build_model(dict(CONFIGS["gpt"], d_model=64, embedding_std=embedding_std, init_std=init_std,
+                             tie_embeddings=False), {"kind": "discrete", "vocab_size": 500}, max_seq_len=500)
+    for table in (model.encoder.wte.weight, model.backbone.wpe.weight):  # 32,000 draws each: SE of the std 0.4%
+        assert table.std().item() == pytest.approx(embedding_std, rel=0.02)
+    assert model.decoder.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.02)  # untied: the head keeps 0.02
+    block = model.backbone.h[0]
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(init_std, rel=0.02)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(init_std / 2, rel=0.02)  # / sqrt(2 n_layer)
+
+
 def test_gaussian_std_is_strictly_positive():
     model = build_model(CONFIGS["gpt"], IOS["gaussian"])
     with torch.no_grad():
@@ -157,6 +170,8 @@ def test_gaussian_std_is_strictly_positive():
         (dict(CONFIGS["gpt"], positional="alibi"), IOS["gaussian"], "positional for gpt must be one of"),
         (dict(CONFIGS["gpt"], n_heads=4), IOS["gaussian"], r"unknown model config key\(s\) \['n_heads'\]"),
         (dict(CONFIGS["mamba"], d_state=0), IOS["gaussian"], "d_state must be an int >= 1"),
+        (dict(CONFIGS["mamba"], embedding_std=0), IOS["discrete"], "embedding_std must be a number > 0"),
+        (dict(CONFIGS["gpt"], init_std=-1), IOS["discrete"], "init_std must be a number > 0"),
         (CONFIGS["gpt"], {"kind": "image"}, "kind' in"),
         (CONFIGS["gpt"], {"kind": "discrete"}, "'vocab_size' .*must be an int >= 1"),
         (CONFIGS["gpt"], {"kind": "gaussian", "dim": 0}, "'dim' .*must be an int >= 1"),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import check_int
+from l2m.models.config import ModelConfig
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -43,11 +44,11 @@ def gaussian_entropy(std: Tensor) -> Tensor:
 class DiscreteInput(nn.Module):
     batch_key = "input_ids"  # (B, L+1) int64
 
-    def __init__(self, vocab_size: int, d_model: int, padded_vocab_size: int | None = None):
+    def __init__(self, vocab_size: int, d_model: int, padded_vocab_size: int | None = None, init_std: float = 0.02):
         super().__init__()
         self.vocab_size = vocab_size
         self.wte = nn.Embedding(padded_vocab_size or vocab_size, d_model)
-        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wte.weight, std=init_std)
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.is_floating_point():
@@ -120,31 +121,32 @@ class GaussianOutput(nn.Module):
         return {"loss": kl.mean(), "kl": kl_per_token, "nll": nll}
 
 
-def _discrete(io: Mapping, d_model: int, tie_embeddings: bool, pad_vocab_size_multiple: int):
+def _discrete(io: Mapping, config: ModelConfig):
     vocab = check_int("io 'vocab_size' (for kind 'discrete')", io.get("vocab_size"))
-    padded = math.ceil(vocab / pad_vocab_size_multiple) * pad_vocab_size_multiple
-    inp = DiscreteInput(vocab, d_model, padded)
-    return inp, DiscreteOutput(vocab, d_model, tie_to=inp.wte if tie_embeddings else None)
+    padded = math.ceil(vocab / config.pad_vocab_size_multiple) * config.pad_vocab_size_multiple
+    inp = DiscreteInput(vocab, config.d_model, padded, config.embedding_std)
+    return inp, DiscreteOutput(vocab, config.d_model, tie_to=inp.wte if config.tie_embeddings else None)
 
 
-def _gaussian(io: Mapping, d_model: int, tie_embeddings: bool, pad_vocab_size_multiple: int):
+def _gaussian(io: Mapping, config: ModelConfig):
     dim = check_int("io 'dim' (for kind 'gaussian')", io.get("dim"))
     min_std = float(io.get("min_std", 1e-3))
     if not min_std > 0:
         raise ValueError(f"io min_std must be > 0 (keeps the predicted std positive), got {min_std}")
-    return GaussianInput(dim, d_model), GaussianOutput(dim, d_model, min_std)
+    return GaussianInput(dim, config.d_model), GaussianOutput(dim, config.d_model, min_std)
 
 
 IO_KINDS: dict[str, Callable] = {"discrete": _discrete, "gaussian": _gaussian}
 
 
-def build_io(io: Mapping, d_model: int, tie_embeddings: bool = True, pad_vocab_size_multiple: int = 1):
-    """(input adapter, output adapter) for an io config such as a datamodule's ``io_config()``:
-    {"kind": "discrete", "vocab_size": V} or {"kind": "gaussian", "dim": D}."""
+def build_io(io: Mapping, config: ModelConfig):
+    """(input adapter, output adapter) between the residual stream of `config` (its d_model, and
+    for discrete tokens its embedding settings) and an io config such as a datamodule's
+    ``io_config()``: {"kind": "discrete", "vocab_size": V} or {"kind": "gaussian", "dim": D}."""
     kind = io.get("kind") if isinstance(io, Mapping) else None
     if kind not in IO_KINDS:
         raise ValueError(
             f"io must be a mapping with 'kind' in {tuple(IO_KINDS)} "
             f"({{'kind': 'discrete', 'vocab_size': V}} or {{'kind': 'gaussian', 'dim': D}}), got {io!r}"
         )
-    return IO_KINDS[kind](io, d_model, tie_embeddings, pad_vocab_size_multiple)
+    return IO_KINDS[kind](io, config)

@@ -40,6 +40,9 @@ class ModelConfig:
     name: str | None = None
     pad_vocab_size_multiple: int = 1  # discrete io: embedding rows rounded up to a multiple (speed)
     tie_embeddings: bool = True  # discrete io: LM head shares the embedding matrix
+    # Init std of the token embedding (discrete io) and of learned positions. 0.02 is GPT-2's and
+    # mamba-ssm's; tiny models learn associative recall far sooner with 1.0 (nn.Embedding's default).
+    embedding_std: float = 0.02
     checkpointing: bool = False  # training: recompute each block's activations in the backward pass (less memory)
 
     def __post_init__(self) -> None:
@@ -50,6 +53,8 @@ class ModelConfig:
 
     def _check(self) -> None:
         """Architecture-specific checks, after the positive ints; subclasses extend it."""
+        if isinstance(self.embedding_std, bool) or not (isinstance(self.embedding_std, (int, float)) and self.embedding_std > 0):
+            raise ValueError(f"model embedding_std must be a number > 0 (0.02: GPT-2's init), got {self.embedding_std!r}")
 
     def choice(self, key: str, options: tuple) -> None:
         """ValueError unless `key` holds one of `options`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -34,6 +35,7 @@ class GPTConfig(ModelConfig):
     dropout: float = 0.0
     bias: bool = True  # in the linear layers and LayerNorms
     activation: str = "gelu"  # gelu (exact) | gelu_tanh (what GPT-2's weights were trained with)
+    init_std: float = 0.02  # std of the linear weights at init (GPT-2's); tiny models learn recall sooner with ~0.08
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +50,8 @@ class GPTConfig(ModelConfig):
             )
         self.choice("positional", POSITIONAL)
         self.choice("activation", ACTIVATIONS)
+        if isinstance(self.init_std, bool) or not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            raise ValueError(f"model init_std must be a number > 0 (0.02: GPT-2's init), got {self.init_std!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -138,10 +142,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.apply(_init_weights)
+        self.apply(partial(_init_weights, linear_std=config.init_std, embedding_std=config.embedding_std))
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, std=config.init_std / math.sqrt(2 * config.n_layer))
 
     @property
     def max_positions(self) -> int | None:
@@ -192,8 +196,10 @@ class GPT(nn.Module):
         return x + self.wpe(torch.arange(start, end, device=x.device))
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+def _init_weights(module: nn.Module, linear_std: float, embedding_std: float) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=linear_std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=embedding_std)

@@ -80,7 +80,7 @@ def build_model(cfg: Mapping | ModelConfig, io: Mapping, max_seq_len: int | None
     config = model_config(cfg)
     if max_seq_len is not None and hasattr(config, "max_seq_len"):
         config = dataclasses.replace(config, max_seq_len=max_seq_len)
-    encoder, decoder = build_io(io, config.d_model, config.tie_embeddings, config.pad_vocab_size_multiple)
+    encoder, decoder = build_io(io, config)
     model = SequenceModel(encoder, ARCHITECTURES[config.arch].backbone(config), decoder, name=config.name)
     model.io = dict(io)  # the token kind it reads and writes
     return model
