@@ -75,8 +75,8 @@ def test_volume_law_when_pairs_grow_with_length():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_keys=3, num_values=4, num_pairs=4, num_queries=1), "num_keys must be an int .*at least num_pairs"),
-    (dict(num_keys=8, num_values=1, num_pairs=4, num_queries=1), "num_values must be an int >= 2"),
+    (dict(num_keys=3, num_values=4, num_pairs=4, num_queries=1), "num_keys=3 is less than num_pairs=4: .* raise num_keys to at least 4 or lower num_pairs"),
+    (dict(num_keys=8, num_values=1, num_pairs=4, num_queries=1), "num_values must be an int .* >= 2, got 1"),
     (dict(num_keys=8, num_values=4, num_pairs=4, num_queries=0), "num_queries must be an int >= 1"),
 ])
 def test_bad_input_names_the_fix(kwargs, match):
@@ -116,4 +116,18 @@ def test_a_recall_run_reports_exact_kl_accuracy_and_the_state_at_the_end_of_the_
     for i, row in enumerate(rows):  # KL_i = NLL_i − H(W_i | W_<i), exact in expectation
         assert float(row["kl"]) == pytest.approx(float(row["nll"]) - float(floor[i]), abs=1e-9)
         assert float(row["nll_floor"]) == pytest.approx(float(floor[i]), abs=1e-12)
+    answers = [float(row["kl"]) for row, answer in zip(rows, task.answer_positions()) if answer]
+    assert len(answers) == 2 and summary["answer_kl"] == pytest.approx(sum(answers) / 2, rel=1e-9)
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == "recall"
+
+
+@pytest.mark.parametrize("model, low, high", [("recall-gpt", 0.95, 1.0), ("tiny-gpt", 0.0, 0.5)])
+def test_the_recall_gpt_leaves_the_plateau_that_gpt2_init_stays_on(tmp_path, model, low, high):
+    # experiment=recall-cpu at P = 4: its GPT (N(0, 1) embeddings, untied head, linear weights at
+    # 0.08) recalls within 500 steps; the same model with GPT-2's init still picks among the values shown.
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=recall-cpu", f"model={model}", "data.num_pairs=4", "data.val_size=128", "trainer.max_steps=500",
+            "optim.warmup_steps=100", "logger=none", "~callbacks.checkpoint", "+trainer.enable_progress_bar=false"])
+    summary = train(cfg, run_dir=tmp_path)
+    assert low <= summary["answer_accuracy"] <= high, summary["answer_accuracy"]

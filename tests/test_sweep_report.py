@@ -98,11 +98,12 @@ def test_the_report_of_real_runs_has_its_figures_table_and_references(multirun, 
     assert "| state-limited | training-limited | converged |" in result.stdout
 
 
-def make_run(root: Path, name: str, model: dict, summary: dict, seed: int = 0, levels: int = 2, copies: int = 4):
+def make_run(root: Path, name: str, model: dict, summary: dict, seed: int = 0, levels: int = 2, copies: int = 4,
+             data: dict | None = None):
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = {"model": model, "data": {"levels": levels, "copies": copies, "kind": "subvolume", "seed": 0},
-              "seed": seed, "run_dir": str(run_dir)}
+    data = data or {"levels": levels, "copies": copies, "kind": "subvolume", "seed": 0}
+    config = {"model": model, "data": data, "seed": seed, "run_dir": str(run_dir)}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     base = {"model": model.get("name", model["arch"]), "seq_len": 4**levels, "step": 100, "params": 1000,
             "dim_z_half": summary["dim_z"], "dim_z_half_bound": summary["dim_z"], "i_bp_half": 10.0}
@@ -152,3 +153,25 @@ def test_collapse_metric_seeds_series_and_crashed_runs_on_runs_whose_answer_is_k
     assert r2_ratio_gpt < 0.5 < r2_length_gpt
     assert f"`{crashed}`: crashed or unfinished, last checkpoint step 40; last log line: RuntimeError: CUDA out of memory" in stdout
     assert "crashed or unfinished" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_recall_runs_collapse_on_their_answer_kl(tmp_path):
+    # Recall summaries carry the KL on the answers, where the state is tested: the collapse and the
+    # figures use it (built here to follow the ratio exactly), not the average over all positions.
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for pairs in (2, 4, 8):
+        for d_state in (1, 8):
+            dim_z, i_bp = 64 * d_state, 5.0 * pairs
+            make_run(root, f"mamba2-{pairs}-{d_state}", {"name": "recall-mamba2", "arch": "mamba2", "d_state": d_state},
+                     {"dim_z": dim_z, "i_bp_half": i_bp, "seq_len": 4 * pairs, "task": "recall", "answer_accuracy": 0.5,
+                      "answer_kl": 0.3 * (i_bp / dim_z) ** 0.7, "avg_kl": float(rng.uniform(1, 3))},
+                     data={"num_pairs": pairs, "num_queries": pairs, "seed": 0})
+    result = run_sweep(str(root), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("collapse mamba2:"))
+    assert "R² on log ratio 1," in line
+    for row in read_rows(tmp_path / "report" / "sweep.csv"):
+        assert float(row["kl"]) == float(row["answer_kl"]) != float(row["avg_kl"])
+        assert float(row["answer_accuracy"]) == 0.5
+    assert "| answer KL | answer acc. |" in result.stdout

@@ -126,8 +126,8 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         keys += ["initial_avg_kl", "avg_kl", "avg_kl_se", "kl_first_quarter", "kl_last_quarter"]
     else:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
-    keys += [key for key in ("effective_context", "tail_kl_half", "bound_half", "state_limited", "training_limited",
-                             "still_falling") if key in summary]
+    keys += [key for key in ("answer_kl", "answer_accuracy", "effective_context", "tail_kl_half", "bound_half",
+                             "state_limited", "training_limited", "still_falling") if key in summary]
     labels = {
         "params": "parameters",
         "seq_len": "L",
@@ -139,8 +139,12 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "effective_context": "effective context (tokens)",
         "tail_kl_half": "KL after L/2 (sum)",
         "bound_half": "linear-state bound after L/2",
+        "answer_kl": "KL on the answers",
+        "answer_accuracy": "answer accuracy (top-1)",
         "still_falling": "still improving (last 20%)",
     }
+    if summary.get("task") == "recall":  # the state is measured where the pairs end, not at L/2
+        labels.update(dim_z_half="dim(z) at the end of the pairs", i_bp_half="I_BP there \\[nats]")
     table = Table(title=f"L²M run summary (nats; {measured} per token)")
     table.add_column("quantity")
     table.add_column("value", justify="right")

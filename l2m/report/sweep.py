@@ -8,7 +8,8 @@ works on runs copied off the training machines. Writes to --out:
 
 * sweep.csv: one row per run (runs that differ only in their seeds: one row, averaged, with the
   spread); report.md: the table and the figures, with crashed or unfinished runs listed;
-* sweep.png: (a) average KL against L per series, with the exact best window-k predictors;
+* sweep.png: (a) KL against L per series, with the exact best window-k predictors (the KL is
+  the average over positions; for associative recall, over the answers, where the state is tested);
   (b) KL against I_BP(L/2; L) / dim(z) per architecture, where runs limited by their state
   collapse onto one curve, with the collapse metric (R² of log KL on log ratio, beside R² on
   log L and on both); (c) the KL after L/2 against its linear-state bound (on the diagonal:
@@ -38,7 +39,8 @@ from l2m.report.format import format_number
 
 COLUMNS = [
     "run_dir", "series", "model", "arch", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
-    "dim_z_total", "i_bp_half", "ratio", "avg_kl", "avg_kl_se", "avg_kl_spread", "avg_kl_per_copy",
+    "dim_z_total", "i_bp_half", "ratio", "kl", "kl_spread", "avg_kl", "avg_kl_se", "avg_kl_spread", "avg_kl_per_copy",
+    "answer_kl", "answer_accuracy",
     "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "tail_kl_half", "bound_half",
     "state_limited", "training_limited", "converged",
 ]
@@ -170,6 +172,10 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "dim_z_total": s["dim_z_half"],
             "i_bp_half": s["i_bp_half"],
             "ratio": s["i_bp_half"] / dim_z,
+            # the KL the figures and the collapse compare: where the data has answer positions
+            # (associative recall), the KL there, where the state is tested; else the average KL
+            "kl": s["avg_kl"] if s.get("answer_kl") is None else s["answer_kl"],
+            "kl_spread": None,
             "avg_kl": s["avg_kl"],
             "avg_kl_se": s.get("avg_kl_se"),
             "avg_kl_spread": None,
@@ -177,12 +183,15 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "kl_first_quarter": s.get("kl_first_quarter"),
             "kl_last_quarter": s.get("kl_last_quarter"),
             "initial_avg_kl": s.get("initial_avg_kl"),
+            "answer_kl": s.get("answer_kl"),
+            "answer_accuracy": s.get("answer_accuracy"),
             "effective_context": s.get("effective_context"),
             "tail_kl_half": s.get("tail_kl_half"),
             "bound_half": s.get("bound_half"),
             "state_limited": s.get("state_limited"),
             "training_limited": s.get("training_limited"),
             "converged": None if s.get("still_falling") is None else not s["still_falling"],
+            "_task": s.get("task"),
             "_group": _seedless(record),
             "_data": _data_config(record),
             "_history": record.history,
@@ -226,6 +235,7 @@ def average_seeds(rows: list[dict]) -> list[dict]:
                 row[key] = statistics.fmean(values)
         row["seeds"] = len(group)
         row["avg_kl_spread"] = statistics.stdev(r["avg_kl"] for r in group)
+        row["kl_spread"] = statistics.stdev(r["kl"] for r in group)
         row["run_dir"] = ";".join(r["run_dir"] for r in group)
         merged.append(row)
     return sorted(merged, key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
@@ -241,13 +251,13 @@ def _r_squared(y: np.ndarray, *regressors: np.ndarray) -> float | None:
 
 
 def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
-    """Per architecture: how well log KL is explained by log(I_BP / dim z) (the collapse of Fig. 3c),
+    """Per architecture: how well log KL (the row's "kl") is explained by log(I_BP / dim z) (the collapse of Fig. 3c),
     by log L, and by both. A family limited by its state collapses: R² on the ratio near 1. Only
     for families that span two lengths or more (at one L, any monotone trend in the state fits)."""
     out = {}
     for arch in sorted({r["arch"] for r in rows}):
-        runs = [r for r in rows if r["arch"] == arch and r["avg_kl"] > 0]
-        y = np.log([r["avg_kl"] for r in runs])
+        runs = [r for r in rows if r["arch"] == arch and r["kl"] > 0]
+        y = np.log([r["kl"] for r in runs])
         ratio = np.log([r["ratio"] for r in runs])
         length = np.log([r["seq_len"] for r in runs])
         if np.ptp(length) == 0:
@@ -304,16 +314,16 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     fig = Figure(figsize=(16, 4.8))  # not pyplot: leaves the caller's backend alone
     ax_len, ax_ratio, ax_bound = fig.subplots(1, 3)
     markers = "osD^vP*Xh<>"
-    positive = all(r["avg_kl"] > 0 for r in rows)
+    positive = all(r["kl"] > 0 for r in rows)
     for i, series in enumerate(sorted({r["series"] for r in rows})):
         runs = [r for r in rows if r["series"] == series]
         style = dict(marker=markers[i % len(markers)], color=f"C{i % 10}", label=series, ms=6)
-        spread = [r["avg_kl_spread"] or 0.0 for r in runs]
-        ax_len.errorbar([r["seq_len"] for r in runs], [r["avg_kl"] for r in runs], yerr=spread, lw=1, capsize=2, **style)
+        spread = [r["kl_spread"] or 0.0 for r in runs]
+        ax_len.errorbar([r["seq_len"] for r in runs], [r["kl"] for r in runs], yerr=spread, lw=1, capsize=2, **style)
         # points only: what matters is the collapse across series, not an order in L
-        ax_ratio.errorbar([r["ratio"] for r in runs], [r["avg_kl"] for r in runs], yerr=spread, ls="none", **style)
+        ax_ratio.errorbar([r["ratio"] for r in runs], [r["kl"] for r in runs], yerr=spread, ls="none", **style)
         for r in runs:
-            ax_ratio.annotate(f"L={r['seq_len']}", (r["ratio"], r["avg_kl"]), textcoords="offset points",
+            ax_ratio.annotate(f"L={r['seq_len']}", (r["ratio"], r["kl"]), textcoords="offset points",
                               xytext=(4, 4), fontsize=7, color=style["color"])
         bounded = [r for r in runs if r.get("bound_half") is not None and r.get("tail_kl_half") is not None]
         ax_bound.plot([r["bound_half"] for r in bounded], [r["tail_kl_half"] for r in bounded], ls="none", **style)
@@ -331,26 +341,34 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     what = "SSM state / KV cache" if state == "ssm" else "whole history state"
     ax_len.set_xlabel("sequence length L")
     ax_len.set_xscale("log", base=2)
-    lengths = sorted({r["seq_len"] for r in rows})
-    ax_len.set_xticks(lengths, [str(n) for n in lengths])
     ax_ratio.set_xscale("log")
-    ax_ratio.set_xlabel(f"$I_{{BP}}(L/2;L)$ / dim($z_{{L/2}}$)   [{what}]")
+    split = "end of the pairs" if any(r["_task"] == "recall" for r in rows) else "L/2"
+    ax_ratio.set_xlabel(f"$I_{{BP}}$ / dim($z$) at the {split}   [{what}]")
     metrics = "; ".join(
         f"{arch}: R²(ratio) {format_number(m['r2_ratio'])}, R²(L) {format_number(m['r2_length'])}"
         for arch, m in (collapse or {}).items()
     )
     ax_ratio.set_title(f"collapse — {metrics}" if metrics else "", fontsize=8)
+    answers = any(r["answer_kl"] is not None for r in rows)
     for ax in (ax_len, ax_ratio):
         if positive:
             ax.set_yscale("log")
-        ax.set_ylabel("average KL per token (nats)")
-    top = max([r["tail_kl_half"] or 0 for r in rows] + [r["bound_half"] or 0 for r in rows] + [1e-9])
-    ax_bound.plot([0, top], [0, top], "k--", lw=1, label="on the bound: state-limited")
+        ax.set_ylabel("KL per answer token (nats)" if answers else "average KL per token (nats)")
+    bounded = any(r.get("bound_half") is not None for r in rows)
+    if bounded:
+        top = max([r["tail_kl_half"] or 0 for r in rows] + [r["bound_half"] or 0 for r in rows] + [1e-9])
+        ax_bound.plot([0, top], [0, top], "k--", lw=1, label="on the bound: state-limited")
+    else:
+        ax_bound.text(0.5, 0.5, "no linear-state bound for this data\n(the Gaussian task has one)",
+                      ha="center", va="center", transform=ax_bound.transAxes, fontsize=9, color="gray")
     ax_bound.set_xlabel("linear-state bound after L/2 (nats)")
     ax_bound.set_ylabel("model's KL after L/2 (nats)")
-    for ax in (ax_len, ax_ratio, ax_bound):
+    for ax in (ax_len, ax_ratio, ax_bound) if bounded else (ax_len, ax_ratio):
         ax.legend(fontsize=7)
     _log_axes(ax_len, ax_ratio, ax_bound)
+    lengths = sorted({r["seq_len"] for r in rows})
+    ax_len.set_xticks(lengths, [str(n) for n in lengths])  # after _log_axes: its formatters would relabel them
+    ax_len.minorticks_off()
     fig.suptitle(f"L²M sweep: {len(rows)} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -396,7 +414,7 @@ def plot_overlays(rows: list[dict], out: Path) -> list[Path]:
 
 
 def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
-    """Held-out average KL against the step, one line per run."""
+    """Held-out KL against the step (on the answers for recall), one line per run."""
     with_history = [r for r in rows if len(r["_history"]) > 1]
     if not with_history:
         return None
@@ -407,7 +425,8 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
         ax.plot(steps, values, color=f"C{i % 10}", lw=1, label=f"{row['series']} L={row['seq_len']}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out average KL (nats/token)")
+    answers = any(r["answer_kl"] is not None for r in with_history)
+    ax.set_ylabel("held-out KL per answer token (nats)" if answers else "held-out average KL (nats/token)")
     ax.legend(fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -418,7 +437,7 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
 TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_len", "L"), ("copies", "copies"), ("steps", "steps"),
          ("seeds", "seeds"), ("dim_z", "dim(z)"), ("dim_z_total", "dim(z) total"), ("i_bp_half", "I_BP"),
          ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
-         ("avg_kl_per_copy", "KL/copy"), ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
+         ("avg_kl_per_copy", "KL/copy"), ("answer_kl", "answer KL"), ("answer_accuracy", "answer acc."), ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
          ("effective_context", "eff. context"), ("tail_kl_half", "KL after L/2"), ("bound_half", "bound"),
          ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged")]
 

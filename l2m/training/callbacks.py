@@ -73,7 +73,7 @@ def run_summary(
 ) -> dict[str, Any]:
     """Everything summary.json holds, apart from the initial (before-training) averages.
 
-    history: the periodic held-out evaluations [(step, avg_kl or avg_nll), ...]; gives the
+    history: the periodic held-out evaluations [(step, KL), ...] (answer_kl for recall, else avg_kl; avg_nll for text); gives the
     convergence entries (slope over the last 20% of steps) and the learning curve.
     """
     history = [tuple(point) for point in history or []]
@@ -85,18 +85,23 @@ def run_summary(
         "step": int(step),
         **history_state_summary(model, datamodule),
         **metrics.summary(),
-        **_answer_accuracy(metrics, datamodule),
+        **_answer_metrics(metrics, datamodule),
         **(analysis.summary if analysis is not None else {}),
         **convergence(history),
         "heldout_history": [list(point) for point in history],
     }
 
 
-def _answer_accuracy(metrics: Positionwise, datamodule: Any) -> dict[str, float]:
-    """Top-1 accuracy over the answer positions, for data that has them (associative recall)."""
+def _answer_metrics(metrics: Positionwise, datamodule: Any) -> dict[str, float]:
+    """For data with answer positions (associative recall): the KL and top-1 accuracy averaged over
+    them, where the history state is what is tested."""
     if not hasattr(datamodule, "answer_positions") or "accuracy" not in metrics.extra:
         return {}
-    return {"answer_accuracy": float(metrics.extra["accuracy"][datamodule.answer_positions()].mean())}
+    answers = datamodule.answer_positions()
+    return {
+        "answer_kl": float(metrics.kl[answers].mean()),
+        "answer_accuracy": float(metrics.extra["accuracy"][answers].mean()),
+    }
 
 
 def model_name(model_config: Mapping[str, Any]) -> str:
@@ -126,15 +131,17 @@ class PositionwiseCallback(L.Callback):
         self.smooth = smooth
         self.analysis = dict(analysis or {})
         self.initial: dict[str, float | None] | None = None
-        self.history: list[tuple[int, float]] = []  # (step, held-out avg KL, or NLL where KL is unknown)
+        # (step, held-out KL: on the answers where the data has them, else the average; NLL where KL is unknown)
+        self.history: list[tuple[int, float]] = []
         self.summary: dict[str, Any] | None = None
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Positionwise:
         metrics = evaluate_heldout(pl_module.model, trainer.datamodule, pl_module.device)
-        averages = {f"val/{k}": v for k, v in metrics.summary().items() if isinstance(v, float)}
+        values = {**metrics.summary(), **_answer_metrics(metrics, trainer.datamodule)}
+        averages = {f"val/{k}": v for k, v in values.items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(averages, step=trainer.global_step)
-        headline = averages.get("val/avg_kl", averages["val/avg_nll"])
+        headline = averages.get("val/answer_kl", averages.get("val/avg_kl", averages["val/avg_nll"]))
         if not self.history or self.history[-1][0] != trainer.global_step:
             self.history.append((trainer.global_step, headline))
         return metrics
