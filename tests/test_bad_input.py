@@ -23,10 +23,12 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A small trained Gaussian GPT (L = 16) and files that are not checkpoints."""
+    """Small trained GPTs (Gaussian, L = 16; recall, L = 8) and files that are not checkpoints."""
     root = tmp_path_factory.mktemp("bad")
     with initialize_config_dir(str(CONF), version_base="1.3"):
         train(compose("train", overrides=[*FAST, "trainer.max_steps=2"]), run_dir=root / "run")
+        train(compose("train", overrides=[*RUN, "data=recall", "data.num_pairs=2", "data.num_queries=2",
+                                          "trainer.max_steps=2"]), run_dir=root / "recall")
     good = root / "run" / "checkpoints" / "last.ckpt"
     (root / "empty.ckpt").write_bytes(b"")
     (root / "random.ckpt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
@@ -60,6 +62,16 @@ TRAIN_CASES = {
     "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
     "negative learning rate": (["optim.lr=-1"], "optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr=-1"),
     "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    "init_from a model with fewer learned positions": (["data=gaussian", "data.levels=3",
+                                                        "init_from={root}/run/checkpoints/last.ckpt"],
+                                                       "has learned positions for 16 tokens, fewer than the data's "
+                                                       "L = 64: train on data with L <= 16"),
+    "recall with more pairs than keys": (["data=recall", "data.num_pairs=8", "data.num_keys=4"],
+                                         "num_keys=4 is less than num_pairs=8: the keys of a sequence are distinct, "
+                                         "so raise num_keys to at least 8 or lower num_pairs"),
+    "recall with one value": (["data=recall", "data.num_values=1"], "num_values must be an int (one value would "
+                                                                     "leave nothing to recall) >= 2, got 1"),
+    "recall without queries": (["data=recall", "data.num_queries=0"], "num_queries must be an int >= 1, got 0"),
     "seq_len and levels that disagree": (["data.seq_len=16", "data.levels=3"],
                                          "seq_len=16 (levels=2) and levels=3 (L = 64) disagree: give one of them"),
     "a local tokenizer file that is not there": (["data=text", "data.seq_len=16", "data.tokenizer=./nowhere/tokenizer.json"],
@@ -77,7 +89,7 @@ TRAIN_CASES = {
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_ends_bad_input_with_one_line(files, tmp_path, capsys, case):
     overrides, message = TRAIN_CASES[case]
-    base = RUN if "data=text" in overrides else FAST
+    base = RUN if any(o.startswith("data=") for o in overrides) else FAST
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[*base, "trainer.max_steps=2", *(o.replace("{root}", str(files)) for o in overrides)])
 
@@ -89,7 +101,12 @@ EVALUATE_CASES = {
     "truncated checkpoint": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
     "a length beyond the learned positions": (["ckpt_path={root}/run/checkpoints/last.ckpt", "+data.levels=3"],
                                               "the model has learned positions for 16 tokens, but the data gives L = 64: "
-                                              "evaluate it at L <= 16, or train a model with model.positional=rotary"),
+                                              "evaluate it at L <= 16 (data.seq_len), or train a model with "
+                                              "model.positional=rotary"),
+    "recall at more pairs than the learned positions hold": (
+        ["ckpt_path={root}/recall/checkpoints/last.ckpt", "+data.num_pairs=4"],
+        "the model has learned positions for 8 tokens, but the data gives L = 12: evaluate it at L <= 8 "
+        "(data.num_pairs and data.num_queries: L = 2P + 2Q)"),
     "cuda without CUDA": pytest.param(["ckpt_path={root}/run/checkpoints/last.ckpt", "device=cuda"],
                                       "device=cuda, but torch sees no CUDA device here: use device=cpu", marks=NO_CUDA),
 }

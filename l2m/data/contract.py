@@ -17,7 +17,8 @@ class L2MData(Protocol):
     task: str  # a label for summaries and reports ("gaussian", "text"); nothing branches on it
     seq_len: int  # L: predicted positions per sequence
     # Optional: history_split, the split where dim(z) meets I_BP (default L/2; recall: the end of
-    # the pairs); answer_positions(), (L,) bool positions whose top-1 accuracy summaries report.
+    # the pairs); answer_positions(), (L,) bool positions whose top-1 accuracy summaries report;
+    # length_options, the options that set L, for error messages (default "data.seq_len").
 
     def io_config(self) -> dict:
         """The token kind the model must read and write, e.g. {"kind": "gaussian", "dim": 64}."""

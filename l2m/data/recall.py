@@ -70,8 +70,11 @@ class AssociativeRecall:
 
     def __init__(self, num_keys: int, num_values: int, num_pairs: int, num_queries: int):
         check_int("num_pairs", num_pairs)
-        check_int("num_keys", num_keys, num_pairs, what="an int (at least num_pairs: keys are drawn without replacement)")
-        check_int("num_values", num_values, 2)
+        check_int("num_keys", num_keys)
+        if num_keys < num_pairs:
+            raise ValueError(f"num_keys={num_keys} is less than num_pairs={num_pairs}: the keys of a sequence are "
+                             f"distinct, so raise num_keys to at least {num_pairs} or lower num_pairs")
+        check_int("num_values", num_values, 2, what="an int (one value would leave nothing to recall)")
         check_int("num_queries", num_queries)
         self.num_keys, self.num_values, self.num_pairs, self.num_queries = num_keys, num_values, num_pairs, num_queries
         self.seq_len = 2 * (num_pairs + num_queries)

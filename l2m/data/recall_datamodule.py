@@ -40,6 +40,7 @@ class RecallDataModule(DrawnDataModule):
     """MQAR with K keys, V values, P pairs and Q queries (L = 2P + 2Q); see l2m.data.recall."""
 
     task = "recall"
+    length_options = "data.num_pairs and data.num_queries: L = 2P + 2Q"
 
     def __init__(
         self,

@@ -294,9 +294,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise ValueError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
     positions = getattr(model, "max_positions", None)
     if positions is not None and datamodule.seq_len > positions:
+        options = getattr(datamodule, "length_options", "data.seq_len")
         raise ValueError(f"the model has learned positions for {positions} tokens, but the data gives L = "
-                         f"{datamodule.seq_len}: evaluate it at L <= {positions}, or train a model with "
-                         "model.positional=rotary, which holds any length")
+                         f"{datamodule.seq_len}: evaluate it at L <= {positions} ({options}), or train a model "
+                         "with model.positional=rotary, which holds any length")
     datamodule.prepare_data()
     datamodule.setup("validate")
 

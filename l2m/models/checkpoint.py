@@ -84,7 +84,7 @@ def load_pretrained(source: str | Path, max_seq_len: int | None = None) -> tuple
             return checkpoint.model, config
         if max_seq_len > checkpoint.model.max_positions:
             raise ValueError(f"{source} has learned positions for {checkpoint.model.max_positions} tokens, fewer "
-                             f"than the {max_seq_len} asked for: use data.seq_len <= {checkpoint.model.max_positions}")
+                             f"than the data's L = {max_seq_len}: train on data with L <= {checkpoint.model.max_positions}")
         model = build_model(config, checkpoint.hparams["io"], max_seq_len=max_seq_len)
         weights = checkpoint.model.state_dict()
         weights["backbone.wpe.weight"] = weights["backbone.wpe.weight"][:max_seq_len]
