@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_if
-from l2m.models.mamba2 import KERNELS, Mamba2, Mamba2Config
+from l2m.models.mamba2 import CPU_CHUNK_SIZE, KERNELS, Mamba2, Mamba2Config
 from l2m.models.ssd import ssd_chunked, ssd_sequential
 
 
@@ -113,6 +113,18 @@ def test_step_mode_equals_forward(T):
         y_t, state = m.step(u[:, t], state)
         steps.append(y_t)
     torch.testing.assert_close(torch.stack(steps, dim=1), y, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_block_length_leaves_the_result_unchanged():
+    # chunk_size 256 runs in blocks of CPU_CHUNK_SIZE on a CPU: the same numbers as the recurrence
+    m = small_mixer(chunk_size=256)
+    T = 3 * CPU_CHUNK_SIZE + 5
+    u = torch.randn(1, T, 32, dtype=torch.float64)
+    state, steps = m.init_state(1), []
+    for t in range(T):
+        y_t, state = m.step(u[:, t], state)
+        steps.append(y_t)
+    torch.testing.assert_close(m(u), torch.stack(steps, dim=1), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n_past", [0, 1, 5, 40])

@@ -28,6 +28,10 @@ from l2m.models.ssd import ssd_chunked, ssd_step
 
 BACKENDS = ("auto", "torch", "kernels")
 KERNELS = ("mamba_chunk_scan_combined",)  # causal_conv1d_fn too where installed
+# The torch path's SSD block length on a CPU, where chunk_size is larger: the within-chunk product
+# costs ~Q per token, and at Q = 64 a fwd+bwd step of d_model 256 at L = 2,048 takes half the time
+# of Q = 256 (benchmarks/RESULTS.md). The block length changes the result only by rounding.
+CPU_CHUNK_SIZE = 64
 
 
 @dataclass(kw_only=True)
@@ -40,7 +44,7 @@ class Mamba2Config(MixerConfig):
     expand: int = 2
     headdim: int = 64
     ngroups: int = 1  # groups of heads sharing B and C
-    chunk_size: int = 256  # SSD block length
+    chunk_size: int = 256  # SSD block length (the torch path on a CPU uses at most CPU_CHUNK_SIZE)
     backend: str = "auto"
     A_init_range: tuple[float, float] = field(default=(1.0, 16.0))
     dt_min: float = 0.001
@@ -153,9 +157,12 @@ class Mamba2(nn.Module):
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
         if conv_fn is not None:
             xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            xBC = xBC.transpose(1, 2)  # (b, T, conv_dim)
         else:
-            xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d))  # (b, conv_dim, T)
-        x, B, C = self._split_xbc(xBC.transpose(1, 2))  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
+            # (b, T, conv_dim), contiguous before the SiLU: its backward runs ~5x slower on a CPU when
+            # the gradient's memory layout differs from its input's
+            xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d).transpose(1, 2).contiguous())
+        x, B, C = self._split_xbc(xBC)  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
 
         if kernels:  # the kernel applies softplus(dt + dt_bias) itself and computes in float32
             A = -torch.exp(self.A_log.float())
@@ -164,7 +171,8 @@ class Mamba2(nn.Module):
         else:
             with torch.autocast(u.device.type, enabled=False):
                 x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
-                y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D).to(u.dtype)  # (b, T, h, p)
+                chunk = min(self.chunk_size, CPU_CHUNK_SIZE) if u.device.type == "cpu" else self.chunk_size
+                y = ssd_chunked(x, dt, A, B, C, chunk, D=D).to(u.dtype)  # (b, T, h, p)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (b, T, d_model)
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:

@@ -44,14 +44,14 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Non
 def _segsum(a: Tensor) -> Tensor:
     """(..., Q) log-decays -> (..., Q, Q) with out[l, s] = a[s+1] + ... + a[l] for l >= s, -inf above.
 
-    Summing each segment directly (a masked cumsum) instead of differencing one long cumsum
-    keeps exp(out) accurate to float32 precision even when the chunk's total decay is large.
+    A difference of one cumsum, taken in float64: in float32 the cumsum of a chunk whose total
+    decay is large (hundreds) would leave each difference with an absolute error of its magnitude
+    times 1e-7, and exp(out) inaccurate; in float64 that error is below float32's resolution.
     """
     Q = a.shape[-1]
     lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
-    # terms[l, s] = a[l] for l > s, so a cumsum over l yields a[s+1] + ... + a[l]
-    terms = a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~lower.tril(-1), 0.0)
-    return terms.cumsum(dim=-2).masked_fill(~lower, -torch.inf)
+    cum = a.to(torch.float64).cumsum(dim=-1)
+    return (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~lower, -torch.inf).to(a.dtype)
 
 
 def ssd_chunked(
