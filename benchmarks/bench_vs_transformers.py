@@ -82,7 +82,8 @@ def main() -> None:
     for arch in args.archs:
         for length in args.lengths:
             r = compare(arch, args.d_model, args.n_layer, length, args.repeats, args.vocab)
-            print(f"| {arch} | {length} | {r['ours_ms']:.0f} | {r['theirs_ms']:.0f} | {r['speedup']:.2f}x |", flush=True)
+            row = f"| {arch} | {length} | {r['ours_ms']:.0f} | {r['theirs_ms']:.0f} | {r['speedup']:.2f}x |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ def load_pretrained(source: str | Path, max_seq_len: int | None = None) -> tuple
         if max_seq_len is None or "max_seq_len" not in config or checkpoint.model.max_positions is None:
             return checkpoint.model, config
         if max_seq_len > checkpoint.model.max_positions:
-            raise ValueError(f"{source} has learned positions for {checkpoint.model.max_positions} tokens, fewer "
-                             f"than the data's L = {max_seq_len}: train on data with L <= {checkpoint.model.max_positions}")
+            positions = checkpoint.model.max_positions
+            raise ValueError(f"{source} has learned positions for {positions} tokens, fewer than the data's "
+                             f"L = {max_seq_len}: train on data with L <= {positions}")
         model = build_model(config, checkpoint.hparams["io"], max_seq_len=max_seq_len)
         weights = checkpoint.model.state_dict()
         weights["backbone.wpe.weight"] = weights["backbone.wpe.weight"][:max_seq_len]

@@ -53,8 +53,13 @@ class ModelConfig:
 
     def _check(self) -> None:
         """Architecture-specific checks, after the positive ints; subclasses extend it."""
-        if isinstance(self.embedding_std, bool) or not (isinstance(self.embedding_std, (int, float)) and self.embedding_std > 0):
-            raise ValueError(f"model embedding_std must be a number > 0 (0.02: GPT-2's init), got {self.embedding_std!r}")
+        self.positive_number("embedding_std", "0.02: GPT-2's init")
+
+    def positive_number(self, key: str, hint: str) -> None:
+        """ValueError unless `key` holds a number > 0."""
+        value = getattr(self, key)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"model {key} must be a number > 0 ({hint}), got {value!r}")
 
     def choice(self, key: str, options: tuple) -> None:
         """ValueError unless `key` holds one of `options`."""

@@ -50,8 +50,7 @@ class GPTConfig(ModelConfig):
             )
         self.choice("positional", POSITIONAL)
         self.choice("activation", ACTIVATIONS)
-        if isinstance(self.init_std, bool) or not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
-            raise ValueError(f"model init_std must be a number > 0 (0.02: GPT-2's init), got {self.init_std!r}")
+        self.positive_number("init_std", "0.02: GPT-2's init")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -29,7 +29,7 @@ from l2m.models.ssd import ssd_chunked, ssd_step
 BACKENDS = ("auto", "torch", "kernels")
 KERNELS = ("mamba_chunk_scan_combined",)  # causal_conv1d_fn too where installed
 # The torch path's SSD block length on a CPU, where chunk_size is larger: the within-chunk product
-# costs ~Q per token, and at Q = 64 a fwd+bwd step of d_model 256 at L = 2,048 takes half the time
+# costs ~Q per token, and at Q = 64 a fwd+bwd step of d_model 256 at L = 2,048 takes 0.6x the time
 # of Q = 256 (benchmarks/RESULTS.md). The block length changes the result only by rounding.
 CPU_CHUNK_SIZE = 64
 

@@ -437,7 +437,8 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
 TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_len", "L"), ("copies", "copies"), ("steps", "steps"),
          ("seeds", "seeds"), ("dim_z", "dim(z)"), ("dim_z_total", "dim(z) total"), ("i_bp_half", "I_BP"),
          ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
-         ("avg_kl_per_copy", "KL/copy"), ("answer_kl", "answer KL"), ("answer_accuracy", "answer acc."), ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
+         ("avg_kl_per_copy", "KL/copy"), ("answer_kl", "answer KL"), ("answer_accuracy", "answer acc."),
+         ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
          ("effective_context", "eff. context"), ("tail_kl_half", "KL after L/2"), ("bound_half", "bound"),
          ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged")]
 

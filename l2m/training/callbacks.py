@@ -73,8 +73,9 @@ def run_summary(
 ) -> dict[str, Any]:
     """Everything summary.json holds, apart from the initial (before-training) averages.
 
-    history: the periodic held-out evaluations [(step, KL), ...] (answer_kl for recall, else avg_kl; avg_nll for text); gives the
-    convergence entries (slope over the last 20% of steps) and the learning curve.
+    history: the periodic held-out evaluations [(step, KL), ...] (answer_kl for recall, else avg_kl;
+    avg_nll for text); gives the convergence entries (slope over the last 20% of steps) and the
+    learning curve.
     """
     history = [tuple(point) for point in history or []]
     return {
