@@ -102,17 +102,20 @@ def small_mixer(seed=0, **kw):
     return Mamba2(Mamba2Config(n_layer=1, **{**cfg, **kw})).double()
 
 
+def step_by_step(m, u):
+    """The mixer's step mode over u (b, T, d_model), outputs stacked along time."""
+    state, steps = m.init_state(u.shape[0]), []
+    for t in range(u.shape[1]):
+        y_t, state = m.step(u[:, t], state)
+        steps.append(y_t)
+    return torch.stack(steps, dim=1)
+
+
 @pytest.mark.parametrize("T", [1, 3, 8, 21])
 def test_step_mode_equals_forward(T):
     m = small_mixer()
     u = torch.randn(2, T, 32, dtype=torch.float64)
-    y = m(u)
-    state = m.init_state(2)
-    steps = []
-    for t in range(T):
-        y_t, state = m.step(u[:, t], state)
-        steps.append(y_t)
-    torch.testing.assert_close(torch.stack(steps, dim=1), y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(step_by_step(m, u), m(u), rtol=1e-10, atol=1e-10)
 
 
 def test_cpu_block_length_leaves_the_result_unchanged():
@@ -120,11 +123,7 @@ def test_cpu_block_length_leaves_the_result_unchanged():
     m = small_mixer(chunk_size=256)
     T = 3 * CPU_CHUNK_SIZE + 5
     u = torch.randn(1, T, 32, dtype=torch.float64)
-    state, steps = m.init_state(1), []
-    for t in range(T):
-        y_t, state = m.step(u[:, t], state)
-        steps.append(y_t)
-    torch.testing.assert_close(m(u), torch.stack(steps, dim=1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m(u), step_by_step(m, u), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n_past", [0, 1, 5, 40])

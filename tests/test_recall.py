@@ -75,7 +75,8 @@ def test_volume_law_when_pairs_grow_with_length():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_keys=3, num_values=4, num_pairs=4, num_queries=1), "num_keys=3 is less than num_pairs=4: .* raise num_keys to at least 4 or lower num_pairs"),
+    (dict(num_keys=3, num_values=4, num_pairs=4, num_queries=1),
+     "num_keys=3 is less than num_pairs=4: .* raise num_keys to at least 4 or lower num_pairs"),
     (dict(num_keys=8, num_values=1, num_pairs=4, num_queries=1), "num_values must be an int .* >= 2, got 1"),
     (dict(num_keys=8, num_values=4, num_pairs=4, num_queries=0), "num_queries must be an int >= 1"),
 ])
