@@ -5,7 +5,8 @@
         --lengths 1024 4096 16384 --pipeline-lengths 4096 16384
 
 A step is forward, the Gaussian task's loss, backward and AdamW, on one sequence batch (`--batch`) of
-Gaussian tokens (dim 64), per model x L x backend (torch, and kernels where mamba-ssm is installed) x
+Gaussian tokens (dim 64), per model x L x backend (torch; kernels where mamba-ssm is installed; Mamba's
+compiled CPU loop on a CPU) x
 precision (fp32, bf16 autocast) x activation checkpointing (off, on). Times are the median of
 `--repeats` steps after two warm-up steps. MFU is 3 x flops_per_token x tokens/s over the device's
 dense peak (l2m.training.throughput.PEAK_FLOPS), blank where the peak is unknown (CPUs). A
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from l2m.models import build_model
+from l2m.models.compiled_scan import compiled_scan_available
 from l2m.models.kernels import kernels_available
 from l2m.models.mamba import KERNELS as MAMBA_KERNELS
 from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
@@ -59,10 +61,11 @@ def gaussian_batch(batch: int, seq_len: int, device: torch.device) -> dict:
             "std": torch.rand(1, seq_len, DIM, device=device) + 0.5}
 
 
-def step_seconds(config: dict, seq_len: int, args, device: torch.device, bf16: bool) -> float:
+def training_step(config: dict, seq_len: int, batch_size: int, device: torch.device, bf16: bool = False):
+    """A function running one training step of a fresh model built from config on one fixed batch."""
     model = build_model(config, {"kind": "gaussian", "dim": DIM}, max_seq_len=seq_len).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gaussian_batch(args.batch, seq_len, device)
+    batch = gaussian_batch(batch_size, seq_len, device)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -71,14 +74,22 @@ def step_seconds(config: dict, seq_len: int, args, device: torch.device, bf16: b
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return median_seconds(step, device, args.repeats)
+    return step
+
+
+def step_seconds(config: dict, seq_len: int, args, device: torch.device, bf16: bool) -> float:
+    return median_seconds(training_step(config, seq_len, args.batch, device, bf16), device, args.repeats)
 
 
 def backends(arch: str, device: torch.device) -> list[str]:
     if arch == "gpt":
         return ["-"]
     kernels = MAMBA_KERNELS if arch == "mamba" else MAMBA2_KERNELS
-    return ["torch", "kernels"] if device.type == "cuda" and kernels_available(*kernels) else ["torch"]
+    if device.type == "cuda" and kernels_available(*kernels):
+        return ["torch", "kernels"]
+    if device.type == "cpu" and arch == "mamba" and compiled_scan_available():
+        return ["torch", "compiled"]
+    return ["torch"]
 
 
 def train_rows(args, device: torch.device) -> list[list[str]]:

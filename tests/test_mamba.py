@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import run_if
 from l2m.models import build_model
 from l2m.models.kernels import causal_conv1d
-from l2m.models.mamba import KERNELS, Mamba, MambaConfig
+from l2m.models.mamba import FUSED_KERNELS, KERNELS, Mamba, MambaConfig
 from l2m.models.selective_scan import linear_scan, selective_scan, selective_scan_ref
 
 GAUSSIAN = {"kind": "gaussian", "dim": 5}
@@ -101,6 +101,22 @@ def test_kernels_equal_torch_path_and_mamba_ssm():
     y = ours(x)
     torch.testing.assert_close(kern(x), y, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ref(x), y, rtol=1e-3, atol=1e-3)
+
+
+@run_if(cuda=True, kernels=FUSED_KERNELS)
+def test_fused_kernels_equal_torch_path_with_parameter_gradients():
+    torch.manual_seed(0)
+    ours = Mamba(MambaConfig(n_layer=1, d_model=64, backend="torch")).cuda()
+    fused = Mamba(MambaConfig(n_layer=1, d_model=64, backend="kernels")).cuda()
+    fused.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 300, 64, device="cuda")
+    g = torch.randn(2, 300, 64, device="cuda")
+    y, y_fused = ours(x), fused(x)
+    torch.testing.assert_close(y_fused, y, rtol=1e-3, atol=1e-3)
+    y.backward(g)
+    y_fused.backward(g)
+    for (name, p), p_fused in zip(ours.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p.grad, rtol=5e-3, atol=5e-3, msg=lambda m: f"{name}: {m}")
 
 
 @run_if(kernels=KERNELS)

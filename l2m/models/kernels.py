@@ -3,8 +3,12 @@ that Mamba and Mamba2 share.
 
 backend, one setting for both mixers:
   "torch"     plain PyTorch, any device;
-  "kernels"   mamba-ssm's kernels (CUDA tensors only);
-  "auto"      the kernels when importable and the input is on CUDA, else torch;
+  "kernels"   mamba-ssm's kernels (CUDA tensors only); where causal-conv1d is installed too, the
+              forward pass is one fused autograd function per mixer (mamba_inner_fn,
+              mamba_split_conv1d_scan_combined) that recomputes activations in its backward;
+  "compiled"  (Mamba only) the fused CPU loop of l2m.models.compiled_scan (CPU tensors only);
+  "auto"      the kernels when importable and the input is on CUDA, Mamba's compiled loop where it
+              builds and the input is on a CPU, else torch;
   "reference" (Mamba only) the sequential per-token scan, for tests and benchmarks.
 """
 
@@ -32,10 +36,16 @@ def _import(module: str, name: str):
 @lru_cache(maxsize=None)
 def load_kernels() -> SimpleNamespace:
     """The kernels, each None where its package (or its compiled part) is missing:
-    selective_scan_fn (Mamba), mamba_chunk_scan_combined (Mamba2, Triton) and causal_conv1d_fn."""
+    selective_scan_fn (Mamba), mamba_chunk_scan_combined (Mamba2, Triton), causal_conv1d_fn, and the
+    fused training paths that need causal-conv1d too: mamba_inner_fn (Mamba: conv, projections,
+    scan and out_proj in one autograd function that recomputes its activations in the backward) and
+    mamba_split_conv1d_scan_combined (Mamba2's memory-efficient path: conv, SSD, gated RMSNorm and
+    out_proj)."""
     return SimpleNamespace(
         selective_scan_fn=_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+        mamba_inner_fn=_import("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"),
         mamba_chunk_scan_combined=_import("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+        mamba_split_conv1d_scan_combined=_import("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"),
         causal_conv1d_fn=_import("causal_conv1d", "causal_conv1d_fn"),
     )
 

@@ -2,7 +2,8 @@
 
 A state dict of ``mamba_ssm.modules.mamba_simple.Mamba`` loads into this module unchanged, so
 weights move between our PyTorch path and the CUDA kernels. Backends: l2m.models.kernels
-("reference" is the sequential per-token scan, for tests and benchmarks).
+("compiled" is the fused CPU loop of l2m.models.compiled_scan, which "auto" takes on a CPU where it
+builds; "reference" is the sequential per-token scan, for tests and benchmarks).
 
 History state per sequence (spec §3): ssm = d_inner·d_state, conv = d_inner·(d_conv−1).
 Step mode carries exactly those tensors; the SSM state in at least float32 (see `init_state`).
@@ -20,12 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import is_int
+from l2m.models.compiled_scan import compiled_selective_scan_channels_last, require_compiled_scan, use_compiled_scan
 from l2m.models.config import MixerConfig
-from l2m.models.kernels import causal_conv1d, load_kernels, require_kernels, use_kernels
+from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.selective_scan import selective_scan, selective_scan_ref
 
-BACKENDS = ("auto", "torch", "kernels", "reference")
+BACKENDS = ("auto", "torch", "compiled", "kernels", "reference")
 KERNELS = ("selective_scan_fn",)  # causal_conv1d_fn too where installed
+FUSED_KERNELS = ("mamba_inner_fn", "causal_conv1d_fn")  # the fused training path, taken where both import
 
 
 @dataclass(kw_only=True)
@@ -58,6 +61,7 @@ class MambaConfig(MixerConfig):
         if self.dt_rank != "auto" and not (is_int(self.dt_rank) and self.dt_rank >= 1):
             raise ValueError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or an int >= 1, got {self.dt_rank!r}")
         require_kernels("Mamba", self.backend, KERNELS)
+        require_compiled_scan("Mamba", self.backend)
 
 
 def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,32 +106,57 @@ class Mamba(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, d_model) -> (B, L, d_model)."""
         kernels = use_kernels("Mamba", self.backend, KERNELS, hidden)
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        if kernels and kernels_available(*FUSED_KERNELS):
+            return self._fused_forward(hidden)
+        compiled = not kernels and use_compiled_scan("Mamba", self.backend, hidden)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
         f = torch.float32 if kernels else ssm_state_dtype(hidden.dtype)  # the kernels take float32
         A = -torch.exp(self.A_log.to(f))  # (d_inner, d_state)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
+        x = x.transpose(1, 2)  # (B, d_inner, L)
         if conv_fn is not None:
             x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            x = x.transpose(1, 2)  # (B, L, d_inner)
+        elif compiled:  # the loop reads channels last: one copy here instead of one per scan input,
+            # before the SiLU, whose backward is slow where gradient and input differ in layout
+            x = F.silu(causal_conv1d(x, self.conv1d).transpose(1, 2).contiguous())  # (B, L, d_inner)
         else:
-            x = F.silu(causal_conv1d(x, self.conv1d))  # (B, d_inner, L)
-        if kernels:
-            scan = load_kernels().selective_scan_fn
+            x = F.silu(causal_conv1d(x, self.conv1d)).transpose(1, 2)  # (B, L, d_inner)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, r / n / n)
+        dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner); bias goes into the scan's softplus
+        scan_args = dict(D=self.D.to(f), delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)
+        if compiled:
+            y = compiled_selective_scan_channels_last(x, dt, A, B, C, z=z, **scan_args)  # (B, L, d_inner)
         else:
-            scan = selective_scan_ref if self.backend == "reference" else selective_scan
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes into the scan's softplus
-        y = scan(  # (B, d_inner, L)
-            x.contiguous(),
-            dt.contiguous(),
-            A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            self.D.to(f),
-            z=z.contiguous(),
-            delta_bias=self.dt_proj.bias.to(f),
+            if kernels:
+                scan = load_kernels().selective_scan_fn
+            else:
+                scan = selective_scan_ref if self.backend == "reference" else selective_scan
+            channels_first = (t.transpose(1, 2).contiguous() for t in (x, dt, B, C, z))
+            u, delta, B, C, z = channels_first  # (B, d_inner, L) or (B, d_state, L)
+            y = scan(u, delta, A, B, C, z=z, **scan_args).transpose(1, 2)  # (B, L, d_inner)
+        return self.out_proj(y)
+
+    def _fused_forward(self, hidden: Tensor) -> Tensor:
+        """forward through mamba-ssm's mamba_inner_fn, the same parameters as the other paths."""
+        xz = self.in_proj.weight @ hidden.transpose(1, 2)  # (B, 2 d_inner, L), length-contiguous as it expects
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        return load_kernels().mamba_inner_fn(  # (B, L, d_model)
+            xz,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            -torch.exp(self.A_log.float()),
+            None,  # B and C from x_proj
+            None,
+            self.D.float(),
+            delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )
-        return self.out_proj(y.transpose(1, 2))
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
         """Zero state: conv_state (B, d_inner, d_conv-1) holds the last d_conv-1 conv inputs (model

@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.models.config import MixerConfig
-from l2m.models.kernels import causal_conv1d, load_kernels, require_kernels, use_kernels
+from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.mamba import ssm_state_dtype
 from l2m.models.ssd import ssd_chunked, ssd_step
 
 BACKENDS = ("auto", "torch", "kernels")
 KERNELS = ("mamba_chunk_scan_combined",)  # causal_conv1d_fn too where installed
+# the memory-efficient training path, taken where both import
+FUSED_KERNELS = ("mamba_split_conv1d_scan_combined", "causal_conv1d_fn")
 # The torch path's SSD block length on a CPU, where chunk_size is larger: the within-chunk product
 # costs ~Q per token, and at Q = 64 a fwd+bwd step of d_model 256 at L = 2,048 takes 0.6x the time
 # of Q = 256 (benchmarks/RESULTS.md). The block length changes the result only by rounding.
@@ -153,6 +155,24 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: input must be (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         kernels = use_kernels("Mamba2", self.backend, KERNELS, u)
         zxbcdt = self.in_proj(u)  # (b, T, d_inner + conv_dim + h)
+        if kernels and kernels_available(*FUSED_KERNELS):
+            return load_kernels().mamba_split_conv1d_scan_combined(  # (b, T, d_model)
+                zxbcdt,
+                self.conv1d.weight.squeeze(1),
+                self.conv1d.bias,
+                self.dt_bias,
+                -torch.exp(self.A_log.float()),
+                D=self.D,
+                chunk_size=self.chunk_size,
+                activation="silu",
+                rmsnorm_weight=self.norm.weight,
+                rmsnorm_eps=self.norm.eps,
+                outproj_weight=self.out_proj.weight,
+                outproj_bias=self.out_proj.bias,
+                headdim=self.headdim,
+                ngroups=self.ngroups,
+                norm_before_gate=False,  # RMSNormGated: norm(y * silu(z))
+            )
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
         if conv_fn is not None:

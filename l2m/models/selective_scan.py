@@ -53,7 +53,7 @@ def selective_scan(
     if chunk_size is None:
         chunk_size = max(16, 2 ** int(math.log2(max(1, 2**18 // (b * A.numel())))))
     dt, u_, B_, C_ = _time_major(u, delta, B, C, delta_bias, delta_softplus)
-    h = None if h0 is None else h0.float()
+    h = None if h0 is None else h0.to(dt.dtype)
     ys = []
     for start in range(0, l, chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -62,7 +62,7 @@ def selective_scan(
         ys.append((hs * C_[chunk, :, None, :]).sum(-1))  # (t, b, d)
         h = hs[-1]
     y = torch.cat(ys).permute(1, 2, 0)
-    return _finish(y, u, D, z, h if return_last_state else None)
+    return finish_scan(y, u, D, z, h if return_last_state else None)
 
 
 def selective_scan_ref(
@@ -81,14 +81,14 @@ def selective_scan_ref(
     """Sequential reference: one Python step per token (slow; for tests and benchmarks)."""
     dt, u_, B_, C_ = _time_major(u, delta, B, C, delta_bias, delta_softplus)
     decay, inp = _discretize(dt, u_, A, B_)
-    h = torch.zeros_like(inp[0]) if h0 is None else h0.float()
+    h = torch.zeros_like(inp[0]) if h0 is None else h0.to(inp.dtype)
     ys = []
     # unbind, not indexing: the backward of x[t] would allocate a full-size gradient per step
     for a_t, b_t, c_t in zip(decay.unbind(0), inp.unbind(0), C_.unbind(0)):
         h = a_t * h + b_t
         ys.append(torch.einsum("bdn,bn->bd", h, c_t))
     y = torch.stack(ys, dim=-1)
-    return _finish(y, u, D, z, h if return_last_state else None)
+    return finish_scan(y, u, D, z, h if return_last_state else None)
 
 
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -165,27 +165,36 @@ def _adjoint_scan_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _time_major(u, delta, B, C, delta_bias, delta_softplus):
-    """dt = softplus(delta + bias) (l, b, d), u (l, b, d), B and C (l, b, n), all float32."""
-    delta = delta.float()
+def step_sizes(
+    delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype, channels_last: bool = False
+) -> Tensor:
+    """dt = softplus(delta + delta_bias) in dtype; delta (b, d, l), or (b, l, d) if channels_last."""
+    dt = delta.to(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    return tuple(t.float().permute(2, 0, 1) for t in (delta, u, B, C))
+        dt = dt + (delta_bias.to(dtype) if channels_last else delta_bias.to(dtype)[:, None])
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def _time_major(u, delta, B, C, delta_bias, delta_softplus):
+    """dt = softplus(delta + bias) (l, b, d), u (l, b, d), B and C (l, b, n), all in float32
+    (float64 for float64 inputs)."""
+    work = torch.promote_types(u.dtype, torch.float32)
+    dt = step_sizes(delta, delta_bias, delta_softplus, work)
+    return tuple(t.to(work).permute(2, 0, 1) for t in (dt, u, B, C))
 
 
 def _discretize(dt, u, A, B):
     """Decays exp(dt A) and inputs dt B u, each (t, b, d, n), from time-major dt, u, B."""
-    decay = torch.exp(dt[..., None] * A.float())
+    decay = torch.exp(dt[..., None] * A.to(dt.dtype))
     inp = (dt * u)[..., None] * B[:, :, None, :]
     return decay, inp
 
 
-def _finish(y, u, D, z, last_state):
+def finish_scan(y, u, D, z, last_state):
+    """Adds D u, gates with silu(z), returns in u's dtype (with the last state where given)."""
     if D is not None:
-        y = y + D.float()[:, None] * u.float()
+        y = y + D.to(y.dtype)[:, None] * u.to(y.dtype)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(y.dtype))
     y = y.to(u.dtype)
     return (y, last_state) if last_state is not None else y

@@ -1,0 +1,216 @@
+"""Mamba-1's selective scan as a compiled CPU loop (``selective_scan_cpu.cpp``), with its own backward.
+
+``compiled_selective_scan`` takes the arguments of ``l2m.models.selective_scan.selective_scan``
+(mamba-ssm's ``selective_scan_fn`` layout) and gives its results;
+``compiled_selective_scan_channels_last`` is the same with channels last, as the Mamba mixer calls
+it (no transposed copies). The loop keeps a block of channels' states in L1 instead of materialising
+(t, b, d, n) tensors, which is what bounds the parallel scan on a CPU.
+
+The library is built once per source, compiler and CPU with the system C++ compiler (``$CXX``,
+else g++ or c++) into ``$L2M_CACHE_DIR/scan`` (default ``~/.cache/l2m/scan``): by
+``scripts/setup.sh``, else at first use. Where no compiler
+works (or with ``L2M_COMPILED_SCAN=0``), ``compiled_scan_available()`` is False and the Mamba mixer's
+``backend="auto"`` keeps the pure-PyTorch scan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from l2m.models.selective_scan import finish_scan, step_sizes
+
+SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+# -march=native: the library is built where it runs; the CPU's flags are part of its file name
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("L2M_CACHE_DIR", "~/.cache/l2m")).expanduser() / "scan"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's feature flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def library_path(cxx: str) -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_signature()]).encode()).hexdigest()
+    return cache_dir() / f"selective_scan_cpu-{key[:16]}.so"
+
+
+def build(cxx: str | None = None) -> Path:
+    """Compiles the loop unless this source, compiler and CPU were built already; returns the library."""
+    cxx = cxx or compiler()
+    if cxx is None:
+        raise CompileError("no C++ compiler found (set $CXX, or install g++)")
+    target = library_path(cxx)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        partial = Path(work) / target.name
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CompileError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: a concurrent build of the same key only ever sees a whole file
+    return target
+
+
+@lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library, or None and why not."""
+    if os.environ.get("L2M_COMPILED_SCAN", "1") == "0":
+        return None, "L2M_COMPILED_SCAN=0 turns it off"
+    try:
+        return ctypes.CDLL(str(build())), ""
+    except (CompileError, OSError) as err:
+        warnings.warn(f"l2m: the compiled CPU scan is not available ({err}); Mamba on a CPU runs the pure-PyTorch "
+                      "scan, about 5x slower a step", stacklevel=2)
+        return None, str(err)
+
+
+def _library() -> ctypes.CDLL | None:
+    return _load()[0]
+
+
+def compiled_scan_available() -> bool:
+    """True where the loop is built or builds now (and L2M_COMPILED_SCAN is not 0)."""
+    return _library() is not None
+
+
+def require_compiled_scan(who: str, backend: str) -> None:
+    """At construction: backend='compiled' where the loop cannot be built is a RuntimeError."""
+    if backend == "compiled" and not compiled_scan_available():
+        raise RuntimeError(
+            f"{who}: backend='compiled' needs the compiled CPU scan, which is not available ({_load()[1]}): "
+            "install a C++ compiler (g++), or set backend='torch' (or 'auto')"
+        )
+
+
+def use_compiled_scan(who: str, backend: str, x: Tensor) -> bool:
+    """Per call: whether this input runs on the compiled loop; backend='compiled' off the CPU is a ValueError."""
+    on_cpu = x.device.type == "cpu"
+    if backend == "compiled" and not on_cpu:
+        raise ValueError(
+            f"{who}: backend='compiled' runs on CPU tensors only, got input on {x.device}: "
+            "set backend='auto' (the CUDA kernels where installed) or 'torch'"
+        )
+    return backend in ("auto", "compiled") and on_cpu and compiled_scan_available()
+
+
+def compiled_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    h0: Tensor | None = None,
+    return_last_state: bool = False,
+):
+    """The selective scan on CPU tensors in selective_scan_fn's layout (u, delta, z (b, d, l); B, C
+    (b, n, l)). Returns y (b, d, l), plus h_l (b, d, n) if return_last_state."""
+    out = compiled_selective_scan_channels_last(
+        u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
+        None if z is None else z.transpose(1, 2), delta_bias, delta_softplus, h0, return_last_state,
+    )
+    return (out[0].transpose(1, 2), out[1]) if return_last_state else out.transpose(1, 2)
+
+
+def compiled_selective_scan_channels_last(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    h0: Tensor | None = None,
+    return_last_state: bool = False,
+):
+    """The same scan with channels last, as the mixer's linear layers give them: u, delta, z
+    (b, l, d); B, C (b, l, n); A (d, n); D, delta_bias (d); h0 (b, d, n). Computed in float32
+    (float64 for float64 inputs); returns y (b, l, d) in u's dtype, plus h_l (b, d, n) if
+    return_last_state."""
+    if _library() is None:
+        raise CompileError(f"the compiled selective scan is not available: {_load()[1]}")
+    work = torch.promote_types(u.dtype, torch.float32)
+    if work not in DTYPES:
+        raise TypeError(f"the compiled selective scan computes in float32 or float64, got inputs in {u.dtype}")
+    dt = step_sizes(delta, delta_bias, delta_softplus, work, channels_last=True)  # (b, l, d)
+    y, last = _CompiledScan.apply(
+        *(None if t is None else t.to(work) for t in (u, dt, A, B, C, D, h0))
+    )
+    return finish_scan(y, u, None, z, last if return_last_state else None)
+
+
+def _pointer(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+class _CompiledScan(torch.autograd.Function):
+    """(u, dt, A, B, C, D, h0) -> (y, last state), all in one dtype, channels last (see the C++ file)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        inputs = [None if t is None else t.contiguous() for t in inputs]
+        u, A = inputs[0], inputs[2]
+        (b, l, d), n = u.shape, A.shape[1]
+        library = _library()
+        y, last = u.new_empty(b, l, d), u.new_empty(b, d, n)
+        starts = u.new_empty(library.l2m_scan_saved_states(*map(ctypes.c_int64, (b, d, l, n))))
+        getattr(library, f"l2m_scan_forward_{DTYPES[u.dtype]}")(
+            *map(_pointer, inputs), *map(ctypes.c_int64, (b, d, l, n)), _pointer(y), _pointer(last), _pointer(starts),
+            ctypes.c_int(torch.get_num_threads()),
+        )
+        ctx.save_for_backward(*inputs, starts)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        *inputs, starts = ctx.saved_tensors
+        u, A, D, h0 = inputs[0], inputs[2], inputs[5], inputs[6]
+        (b, l, d), n = u.shape, A.shape[1]
+        du, ddt = u.new_empty(b, l, d), u.new_empty(b, l, d)  # written whole by the loop
+        dA, dB, dC = u.new_zeros(d, n), u.new_zeros(b, l, n), u.new_zeros(b, l, n)  # sums
+        dD = None if D is None else u.new_zeros(d)
+        dh0 = None if h0 is None else u.new_empty(b, d, n)
+        grad_y, grad_last = grad_y.contiguous(), grad_last.contiguous()  # held: the loop reads their memory
+        getattr(_library(), f"l2m_scan_backward_{DTYPES[u.dtype]}")(
+            *map(_pointer, inputs), *map(ctypes.c_int64, (b, d, l, n)), _pointer(starts), _pointer(grad_y),
+            _pointer(grad_last), *map(_pointer, (du, ddt, dA, dB, dC, dD, dh0)), ctypes.c_int(torch.get_num_threads()),
+        )
+        return du, ddt, dA, dB, dC, dD, dh0

@@ -1,0 +1,319 @@
+// Mamba-1 selective scan on a CPU: a fused sequential loop, forward and backward, built by
+// l2m.models.compiled_scan with the system C++ compiler and called via ctypes.
+//
+// The parallel scan in selective_scan.py materialises (t, b, d, n) tensors several times over and
+// is memory-bound; here a block of W channels steps through time together, one SIMD lane per
+// channel, its state (n x W) in L1, and every decay exp(dt A) is computed where it is used. The
+// math is selective_scan.py's:
+//
+//   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,    y_t = <C_t, h_t> + D u_t
+//
+// with dt already through its bias and softplus, and the gate silu(z) applied after: those are
+// elementwise, and torch's vectorised ops beat a transcendental call per step here.
+//
+// Layouts (row-major, contiguous), channels last as the mixer's linear layers give them:
+// u, dt, y: (b, l, d); B, C: (b, l, n); A: (d, n); D: (d); h0 and the last state: (b, d, n).
+// Optional inputs (D, h0, dlast) and gradients not wanted (dD, dh0) are null pointers.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t W = 16;        // channels per block: one 512-bit vector of floats
+constexpr int64_t SEGMENT = 128;  // the backward recomputes states a segment at a time (memory O(SEGMENT))
+
+// exp that vectorises inside `omp simd` loops (std::exp is a library call per element): range
+// reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (relative error < 2e-9,
+// below float32 rounding). Arguments under -87 return 0: decays exp(dt A) that small carry nothing.
+inline float exp_vec(float x) {
+  const float log2e = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-6f;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float clamped = std::max(x, -87.0f);
+  const float k = (clamped * log2e + round_magic) - round_magic;
+  const float r = (clamped - k * ln2_hi) - k * ln2_lo;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline double exp_vec(double x) { return std::exp(x); }  // float64 is for tests: exact beats fast
+
+template <typename T>
+struct Scan {
+  const T *u, *dt, *A, *B, *C, *D, *h0;
+  int64_t b, d, l, n;
+};
+
+// One block: batch `batch`, channels [c0, c0 + width). Lanes past width are zero and stay zero.
+template <typename T>
+struct Block {
+  const Scan<T>& s;
+  int64_t batch, c0, width;
+  std::vector<T> A, D;  // A transposed to (n, W)
+
+  Block(const Scan<T>& scan, int64_t batch_, int64_t c0_)
+      : s(scan), batch(batch_), c0(c0_), width(std::min(W, scan.d - c0_)), A(scan.n * W, T(0)), D(W, T(0)) {
+    for (int64_t w = 0; w < width; ++w) {
+      for (int64_t i = 0; i < s.n; ++i) A[i * W + w] = s.A[(c0 + w) * s.n + i];
+      if (s.D) D[w] = s.D[c0 + w];
+    }
+  }
+
+  // Reads (b, l, d) row t into a W-lane array, zero past width.
+  void load(const T* x, int64_t t, T* lanes) const {
+    const T* row = x + (batch * s.l + t) * s.d + c0;
+    for (int64_t w = 0; w < W; ++w) lanes[w] = w < width ? row[w] : T(0);
+  }
+
+  void store(T* x, int64_t t, const T* lanes) const {
+    T* row = x + (batch * s.l + t) * s.d + c0;
+    for (int64_t w = 0; w < width; ++w) row[w] = lanes[w];
+  }
+
+  void initial_state(T* h) const {
+    std::fill(h, h + s.n * W, T(0));
+    if (s.h0)
+      for (int64_t w = 0; w < width; ++w)
+        for (int64_t i = 0; i < s.n; ++i) h[i * W + w] = s.h0[((batch * s.d) + c0 + w) * s.n + i];
+  }
+
+  void final_state(const T* h, T* out) const {
+    for (int64_t w = 0; w < width; ++w)
+      for (int64_t i = 0; i < s.n; ++i) out[((batch * s.d) + c0 + w) * s.n + i] = h[i * W + w];
+  }
+
+  // Steps t0..t1-1 from state h (n x W, updated in place). Writes y where given, and each step's
+  // state and decays (n x W per step, from t0) where given.
+  void run(int64_t t0, int64_t t1, T* h, T* y, T* states, T* decays) const {
+    const int64_t n = s.n;
+    alignas(64) T u[W], dt[W], out[W];
+    for (int64_t t = t0; t < t1; ++t) {
+      load(s.u, t, u);
+      load(s.dt, t, dt);
+      const T* Bt = s.B + (batch * s.l + t) * n;
+      const T* Ct = s.C + (batch * s.l + t) * n;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) out[w] = D[w] * u[w];
+      for (int64_t i = 0; i < n; ++i) {
+        T* hi = h + i * W;
+        const T* Ai = A.data() + i * W;
+        const T b_ti = Bt[i], c_ti = Ct[i];
+        if (decays) {
+          T* decay = decays + ((t - t0) * n + i) * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) {
+            decay[w] = exp_vec(dt[w] * Ai[w]);
+            hi[w] = decay[w] * hi[w] + dt[w] * u[w] * b_ti;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) {
+            hi[w] = exp_vec(dt[w] * Ai[w]) * hi[w] + dt[w] * u[w] * b_ti;
+            out[w] += c_ti * hi[w];
+          }
+        }
+      }
+      if (states) std::copy(h, h + n * W, states + (t - t0) * n * W);
+      if (y) store(y, t, out);
+    }
+  }
+};
+
+template <typename T>
+int64_t blocks_per_batch(const Scan<T>& s) {
+  return (s.d + W - 1) / W;
+}
+
+// Splits work items (batch x channel block) into contiguous ranges, one thread each.
+template <typename Body>
+void parallel_items(int64_t items, int threads, Body body) {
+  if (threads == 1) return body(0, int64_t(0), items);
+  std::vector<std::thread> pool;
+  for (int worker = 0; worker < threads; ++worker)
+    pool.emplace_back(body, worker, items * worker / threads, items * (worker + 1) / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+int clamp_threads(int threads, int64_t items) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+}
+
+template <typename T>
+int64_t segments(const Scan<T>& s) {
+  return (s.l + SEGMENT - 1) / SEGMENT;
+}
+
+// The forward pass. Where `starts` is given (l2m_scan_saved_states scalars), it keeps the state
+// before each segment for the backward pass.
+template <typename T>
+void forward(const Scan<T>& s, T* y, T* last, T* starts, int threads) {
+  const int64_t per_batch = blocks_per_batch(s), items = s.b * per_batch, stride = s.n * W;
+  parallel_items(items, clamp_threads(threads, items), [&](int, int64_t begin, int64_t end) {
+    std::vector<T> h(stride);
+    for (int64_t item = begin; item < end; ++item) {
+      const Block<T> block(s, item / per_batch, (item % per_batch) * W);
+      block.initial_state(h.data());
+      for (int64_t k = 0; k < segments(s); ++k) {
+        if (starts) std::copy(h.begin(), h.end(), starts + (item * segments(s) + k) * stride);
+        block.run(k * SEGMENT, std::min(s.l, (k + 1) * SEGMENT), h.data(), y, nullptr, nullptr);
+      }
+      if (last) block.final_state(h.data(), last);
+    }
+  });
+}
+
+// A thread's gradients of what many work items share: dA, dD (over the batch) and dB, dC (over
+// channel blocks). dB and dC are kept per lane and summed over lanes once per batch element.
+template <typename T>
+struct Sums {
+  std::vector<T> dA, dD, dB, dC, dB_lanes, dC_lanes;
+  int64_t batch = -1;
+  explicit Sums(const Scan<T>& s)
+      : dA(s.d * s.n), dD(s.d), dB(s.b * s.l * s.n), dC(s.b * s.l * s.n), dB_lanes(s.l * s.n * W), dC_lanes(s.l * s.n * W) {}
+
+  void flush(const Scan<T>& s) {  // lanes of the current batch element into dB, dC
+    if (batch < 0) return;
+    for (int64_t k = 0; k < s.l * s.n; ++k) {
+      T b_sum = 0, c_sum = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        b_sum += dB_lanes[k * W + w];
+        c_sum += dC_lanes[k * W + w];
+      }
+      dB[batch * s.l * s.n + k] += b_sum;
+      dC[batch * s.l * s.n + k] += c_sum;
+    }
+    std::fill(dB_lanes.begin(), dB_lanes.end(), T(0));
+    std::fill(dC_lanes.begin(), dC_lanes.end(), T(0));
+  }
+};
+
+template <typename T>
+void add_into(T* out, const std::vector<T>& part) {
+  if (out)
+    for (size_t k = 0; k < part.size(); ++k) out[k] += part[k];
+}
+
+template <typename T>
+void backward(const Scan<T>& s, const T* starts, const T* dy, const T* dlast, T* du, T* ddt, T* dA, T* dB, T* dC,
+              T* dD, T* dh0, int threads) {
+  const int64_t n = s.n, per_batch = blocks_per_batch(s), items = s.b * per_batch, stride = n * W;
+  threads = clamp_threads(threads, items);
+  std::vector<Sums<T>> sums;
+  sums.reserve(threads);
+  for (int worker = 0; worker < threads; ++worker) sums.emplace_back(s);
+  parallel_items(items, threads, [&](int worker, int64_t begin, int64_t end) {
+    Sums<T>& sum = sums[worker];
+    std::vector<T> h(stride), states(SEGMENT * stride), decays(SEGMENT * stride);
+    std::vector<T> gh(stride), dA_lanes(stride), dD_lanes(W);
+    alignas(64) T u[W], dt[W], g[W], du_t[W], ddt_t[W];
+    for (int64_t item = begin; item < end; ++item) {
+      const Block<T> block(s, item / per_batch, (item % per_batch) * W);
+      if (block.batch != sum.batch) {
+        sum.flush(s);
+        sum.batch = block.batch;
+      }
+      const T* item_starts = starts + item * segments(s) * stride;
+      std::fill(gh.begin(), gh.end(), T(0));  // dL/dh after the last step
+      if (dlast) {
+        for (int64_t w = 0; w < block.width; ++w)
+          for (int64_t i = 0; i < n; ++i) gh[i * W + w] = dlast[((block.batch * s.d) + block.c0 + w) * n + i];
+      }
+      std::fill(dA_lanes.begin(), dA_lanes.end(), T(0));
+      std::fill(dD_lanes.begin(), dD_lanes.end(), T(0));
+      for (int64_t k = segments(s) - 1; k >= 0; --k) {
+        const int64_t t0 = k * SEGMENT, t1 = std::min(s.l, t0 + SEGMENT);
+        std::copy(item_starts + k * stride, item_starts + (k + 1) * stride, h.begin());
+        block.run(t0, t1, h.data(), nullptr, states.data(), decays.data());
+        for (int64_t t = t1 - 1; t >= t0; --t) {  // gh: dL/dh_t from the steps after t, then a_t dL/dh_t
+          block.load(s.u, t, u);
+          block.load(s.dt, t, dt);
+          block.load(dy, t, g);
+          const T* Bt = s.B + (block.batch * s.l + t) * n;
+          const T* Ct = s.C + (block.batch * s.l + t) * n;
+          const T* before = t > t0 ? states.data() + (t - 1 - t0) * stride : item_starts + k * stride;
+          const T* now = states.data() + (t - t0) * stride;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) {
+            du_t[w] = g[w] * block.D[w];
+            dD_lanes[w] += g[w] * u[w];
+            ddt_t[w] = 0;
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t iw = i * W;
+            const T* decay = decays.data() + ((t - t0) * n + i) * W;
+            const T* Ai = block.A.data() + iw;
+            const T b_ti = Bt[i], c_ti = Ct[i];
+            T* dB_lane = sum.dB_lanes.data() + (t * n + i) * W;
+            T* dC_lane = sum.dC_lanes.data() + (t * n + i) * W;
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) {
+              const T grad_h = gh[iw + w] + g[w] * c_ti;
+              const T grad_exponent = grad_h * before[iw + w] * decay[w];  // dL/d(dt_t A)
+              dC_lane[w] += g[w] * now[iw + w];
+              dB_lane[w] += grad_h * dt[w] * u[w];
+              dA_lanes[iw + w] += grad_exponent * dt[w];
+              ddt_t[w] += grad_exponent * Ai[w] + grad_h * u[w] * b_ti;
+              du_t[w] += grad_h * dt[w] * b_ti;
+              gh[iw + w] = grad_h * decay[w];
+            }
+          }
+          block.store(du, t, du_t);
+          block.store(ddt, t, ddt_t);
+        }
+      }
+      for (int64_t w = 0; w < block.width; ++w) {
+        const int64_t channel = block.c0 + w;
+        sum.dD[channel] += dD_lanes[w];
+        for (int64_t i = 0; i < n; ++i) {
+          sum.dA[channel * n + i] += dA_lanes[i * W + w];
+          if (dh0) dh0[((block.batch * s.d) + channel) * n + i] = gh[i * W + w];
+        }
+      }
+    }
+    sum.flush(s);
+  });
+  for (const auto& part : sums) {
+    add_into(dA, part.dA);
+    add_into(dD, part.dD);
+    add_into(dB, part.dB);
+    add_into(dC, part.dC);
+  }
+}
+
+}  // namespace
+
+// Scalars of the state kept by the forward pass for the backward: one n x W state per segment and block.
+extern "C" int64_t l2m_scan_saved_states(int64_t b, int64_t d, int64_t l, int64_t n) {
+  return b * ((d + W - 1) / W) * ((l + SEGMENT - 1) / SEGMENT) * n * W;
+}
+
+#define L2M_SCAN_API(T, SUFFIX)                                                                              \
+  extern "C" void l2m_scan_forward_##SUFFIX(const T* u, const T* dt, const T* A, const T* B, const T* C,       \
+                                            const T* D, const T* h0, int64_t b, int64_t d, int64_t l,         \
+                                            int64_t n, T* y, T* last, T* starts, int threads) {               \
+    forward(Scan<T>{u, dt, A, B, C, D, h0, b, d, l, n}, y, last, starts, threads);                            \
+  }                                                                                                            \
+  extern "C" void l2m_scan_backward_##SUFFIX(const T* u, const T* dt, const T* A, const T* B, const T* C,      \
+                                             const T* D, const T* h0, int64_t b, int64_t d, int64_t l,        \
+                                             int64_t n, const T* starts, const T* dy, const T* dlast, T* du,  \
+                                             T* ddt, T* dA, T* dB, T* dC, T* dD, T* dh0, int threads) {       \
+    backward(Scan<T>{u, dt, A, B, C, D, h0, b, d, l, n}, starts, dy, dlast, du, ddt, dA, dB, dC, dD, dh0,      \
+             threads);                                                                                         \
+  }
+
+L2M_SCAN_API(float, f32)
+L2M_SCAN_API(double, f64)

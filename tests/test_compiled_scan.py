@@ -1,0 +1,158 @@
+"""Mamba-1's compiled CPU scan: values and gradients against the sequential reference (float64 to
+rounding, float32 with decays far past float range), threads, the mixer's backends, the build and
+what a user sees where it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_if
+from l2m.models.compiled_scan import CompileError, build, compiled_selective_scan, compiler, library_path
+from l2m.models.mamba import Mamba, MambaConfig
+from l2m.models.selective_scan import selective_scan_ref
+
+pytestmark = run_if(compiled_scan=True)
+
+
+def scan_inputs(b, d, n, l, dtype, dt_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        u=r(b, d, l), delta=r(b, d, l) * dt_scale, A=-torch.exp(r(d, n)), B=r(b, n, l), C=r(b, n, l),
+        D=r(d), z=r(b, d, l), delta_bias=r(d), h0=r(b, d, n),
+    )
+
+
+def values_and_grads(scan, inputs, seed=1):
+    """y, the last state, and the gradient of a random projection of both for every input."""
+    inputs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, last = scan(**inputs, delta_softplus=True, return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in (y, last))
+    return [y, last, *torch.autograd.grad(loss, list(inputs.values()))], ["y", "last", *inputs]
+
+
+@pytest.mark.parametrize(
+    "b, d, n, l",
+    [
+        (2, 6, 5, 37),  # fewer channels than a block holds
+        (3, 20, 3, 300),  # a full block and a partial one; two whole segments of 128 steps and a partial one
+        (1, 16, 16, 1),
+    ],
+)
+def test_compiled_scan_equals_sequential_reference_in_float64(b, d, n, l):
+    inputs = scan_inputs(b, d, n, l, torch.float64)
+    ours, names = values_and_grads(compiled_selective_scan, inputs)
+    reference, _ = values_and_grads(selective_scan_ref, inputs)
+    for name, a, e in zip(names, ours, reference):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_scan_in_float32_with_decays_past_float_range():
+    # dt up to ~100 with |A| up to ~20: exp(dt A) down to e^-2000, which the loop must flush to 0
+    inputs = scan_inputs(2, 20, 4, 150, torch.float32, dt_scale=30.0)
+    ours, names = values_and_grads(compiled_selective_scan, inputs)
+    exact, _ = values_and_grads(selective_scan_ref, {k: v.double() for k, v in inputs.items()})
+    for name, a, e in zip(names, ours, exact):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_scan_without_optional_inputs():
+    inputs = scan_inputs(2, 18, 4, 40, torch.float64)
+    for absent in ("D", "z", "delta_bias", "h0"):
+        partial = {k: v for k, v in inputs.items() if k != absent}
+        ours, names = values_and_grads(compiled_selective_scan, partial)
+        reference, _ = values_and_grads(selective_scan_ref, partial)
+        for name, a, e in zip(names, ours, reference):
+            torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=lambda m: f"without {absent}, {name}: {m}")
+
+
+def test_threads_split_the_work_without_changing_the_result():
+    inputs = scan_inputs(3, 40, 8, 70, torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, names = values_and_grads(compiled_selective_scan, inputs)
+        torch.set_num_threads(3)  # 3 threads over 3 x 3 blocks: sums over the batch and blocks cross threads
+        three, _ = values_and_grads(compiled_selective_scan, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, e in zip(names, three, one):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_mixer_on_compiled_loop_equals_torch_path_with_parameter_gradients(dtype, tol):
+    torch.manual_seed(0)
+    config = dict(n_layer=1, d_model=24, d_state=8)  # d_inner 48: three blocks of 16 channels
+    torch_path = Mamba(MambaConfig(**config, backend="torch")).to(dtype)
+    auto = Mamba(MambaConfig(**config, backend="auto")).to(dtype)
+    auto.load_state_dict(torch_path.state_dict())
+    x = torch.randn(3, 50, 24, dtype=dtype)
+    outputs = []
+    for mixer in (auto, torch_path):
+        y = mixer(x)
+        y.square().sum().backward()
+        outputs.append((y, {k: p.grad for k, p in mixer.named_parameters()}))
+    (y_auto, grads_auto), (y_torch, grads_torch) = outputs
+    torch.testing.assert_close(y_auto, y_torch, rtol=tol, atol=tol)
+    for name in grads_torch:
+        torch.testing.assert_close(grads_auto[name], grads_torch[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_takes_the_compiled_loop_on_a_cpu():
+    from torch.profiler import ProfilerActivity, profile
+
+    mixer = Mamba(MambaConfig(n_layer=1, d_model=16, backend="auto"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mixer(torch.randn(1, 8, 16)).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"_CompiledScan", "_CompiledScanBackward"} <= names
+
+
+def test_compiled_backend_off_the_cpu_says_what_to_set():
+    mixer = Mamba(MambaConfig(n_layer=1, d_model=16, backend="compiled")).to("meta")
+    with pytest.raises(ValueError, match=r"backend='compiled' runs on CPU tensors only.*'auto'"):
+        mixer(torch.randn(1, 8, 16, device="meta"))
+
+
+def test_build_caches_by_source_and_reports_compiler_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2M_CACHE_DIR", str(tmp_path))
+    built = build()
+    assert built == library_path(compiler()) and built.parent == tmp_path / "scan" and built.stat().st_size > 0
+    mtime = built.stat().st_mtime_ns
+    assert build() == built and built.stat().st_mtime_ns == mtime  # the second call reuses it
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'error: no space left on device' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(CompileError, match="failed on selective_scan_cpu.cpp:\nerror: no space left on device"):
+        build(str(broken))
+    assert list((tmp_path / "scan").iterdir()) == [built]  # no partial library left behind
+
+
+def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do():
+    """L2M_COMPILED_SCAN=0 stands for a machine where it cannot be built (the same code path)."""
+    script = """
+import torch
+from l2m.models.compiled_scan import compiled_scan_available
+from l2m.models.mamba import Mamba, MambaConfig
+assert not compiled_scan_available()
+torch.manual_seed(0)
+Mamba(MambaConfig(n_layer=1, d_model=16, backend="auto"))(torch.randn(1, 8, 16))  # the torch path runs
+try:
+    Mamba(MambaConfig(n_layer=1, d_model=16, backend="compiled"))
+except RuntimeError as err:
+    print(err)
+"""
+    env = {**os.environ, "L2M_COMPILED_SCAN": "0"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "Mamba: backend='compiled' needs the compiled CPU scan, which is not available (L2M_COMPILED_SCAN=0 turns "
+        "it off): install a C++ compiler (g++), or set backend='torch' (or 'auto')"
+    )
