@@ -67,3 +67,17 @@ def run_if(
     if missing_kernels and kernels_available(*missing_kernels):
         reasons.append(f"checks the error shown where {', '.join(missing_kernels)} is missing, but it is installed")
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
+
+
+def assert_same_training_pass(reference, other, x, out_tol: float, grad_tol: float) -> None:
+    """Two modules holding the same weights give the same output on x and, for a random output
+    gradient, the same gradient for every parameter."""
+    import torch
+
+    y, y_other = reference(x), other(x)
+    torch.testing.assert_close(y_other, y, rtol=out_tol, atol=out_tol)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
+    y.backward(g)
+    y_other.backward(g)
+    for (name, p), p_other in zip(reference.named_parameters(), other.parameters()):
+        torch.testing.assert_close(p_other.grad, p.grad, rtol=grad_tol, atol=grad_tol, msg=lambda m: f"{name}: {m}")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_if
+from conftest import REPO, assert_same_training_pass, run_if
 from l2m.models.compiled_scan import CompileError, build, compiled_selective_scan, compiler, library_path
 from l2m.models.mamba import Mamba, MambaConfig
 from l2m.models.selective_scan import selective_scan_ref
@@ -93,16 +93,7 @@ def test_mixer_on_compiled_loop_equals_torch_path_with_parameter_gradients(dtype
     torch_path = Mamba(MambaConfig(**config, backend="torch")).to(dtype)
     auto = Mamba(MambaConfig(**config, backend="auto")).to(dtype)
     auto.load_state_dict(torch_path.state_dict())
-    x = torch.randn(3, 50, 24, dtype=dtype)
-    outputs = []
-    for mixer in (auto, torch_path):
-        y = mixer(x)
-        y.square().sum().backward()
-        outputs.append((y, {k: p.grad for k, p in mixer.named_parameters()}))
-    (y_auto, grads_auto), (y_torch, grads_torch) = outputs
-    torch.testing.assert_close(y_auto, y_torch, rtol=tol, atol=tol)
-    for name in grads_torch:
-        torch.testing.assert_close(grads_auto[name], grads_torch[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    assert_same_training_pass(torch_path, auto, torch.randn(3, 50, 24, dtype=dtype), out_tol=tol, grad_tol=tol)
 
 
 def test_auto_takes_the_compiled_loop_on_a_cpu():

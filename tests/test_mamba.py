@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_if
+from conftest import assert_same_training_pass, run_if
 from l2m.models import build_model
 from l2m.models.kernels import causal_conv1d
 from l2m.models.mamba import FUSED_KERNELS, KERNELS, Mamba, MambaConfig
@@ -109,14 +109,7 @@ def test_fused_kernels_equal_torch_path_with_parameter_gradients():
     ours = Mamba(MambaConfig(n_layer=1, d_model=64, backend="torch")).cuda()
     fused = Mamba(MambaConfig(n_layer=1, d_model=64, backend="kernels")).cuda()
     fused.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 300, 64, device="cuda")
-    g = torch.randn(2, 300, 64, device="cuda")
-    y, y_fused = ours(x), fused(x)
-    torch.testing.assert_close(y_fused, y, rtol=1e-3, atol=1e-3)
-    y.backward(g)
-    y_fused.backward(g)
-    for (name, p), p_fused in zip(ours.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(p_fused.grad, p.grad, rtol=5e-3, atol=5e-3, msg=lambda m: f"{name}: {m}")
+    assert_same_training_pass(ours, fused, torch.randn(2, 300, 64, device="cuda"), out_tol=1e-3, grad_tol=5e-3)
 
 
 @run_if(kernels=KERNELS)
