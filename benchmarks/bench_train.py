@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from l2m.models import build_model
-from l2m.models.compiled_scan import compiled_scan_available
+from l2m.models.compiled import compiled_available
 from l2m.models.kernels import kernels_available
 from l2m.models.mamba import KERNELS as MAMBA_KERNELS
 from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
@@ -87,7 +87,7 @@ def backends(arch: str, device: torch.device) -> list[str]:
     kernels = MAMBA_KERNELS if arch == "mamba" else MAMBA2_KERNELS
     if device.type == "cuda" and kernels_available(*kernels):
         return ["torch", "kernels"]
-    if device.type == "cpu" and arch == "mamba" and compiled_scan_available():
+    if device.type == "cpu" and arch == "mamba" and compiled_available():
         return ["torch", "compiled"]
     return ["torch"]
 

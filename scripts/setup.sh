@@ -21,8 +21,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import to
   "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 "$VENV/bin/pip" install -q -e ".[dev]"
-# Mamba's compiled CPU scan (l2m.models.compiled_scan): built now so that no run waits for it
-"$VENV/bin/python" -c "from l2m.models.compiled_scan import build; build()" \
-  || echo "setup: no compiled CPU scan (Mamba on a CPU takes the pure-PyTorch scan): is g++ installed?"
+# Mamba's compiled CPU loops (l2m.models.compiled): built now so that no run waits for it
+"$VENV/bin/python" -c "from l2m.models.compiled import build; build()" \
+  || echo "setup: no compiled CPU loops (Mamba on a CPU takes the pure-PyTorch path): is g++ installed?"
 touch "$stamp"
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

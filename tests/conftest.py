@@ -46,20 +46,20 @@ def compose_train():
 
 
 def run_if(
-    *, cuda: bool = False, kernels: tuple[str, ...] = (), missing_kernels: tuple[str, ...] = (), compiled_scan: bool = False
+    *, cuda: bool = False, kernels: tuple[str, ...] = (), missing_kernels: tuple[str, ...] = (), compiled: bool = False
 ):
     """Skip unless the machine has what the test needs, saying what is missing (Lightning's RunIf):
     cuda: a CUDA device; kernels: these l2m.models.kernels are importable; missing_kernels: they
-    are not (tests of the error shown where they are missing); compiled_scan: Mamba's compiled CPU
+    are not (tests of the error shown where they are missing); compiled: Mamba's compiled CPU
     loop builds here."""
     import torch
 
-    from l2m.models.compiled_scan import compiled_scan_available
+    from l2m.models.compiled import compiled_available
     from l2m.models.kernels import kernels_available
 
     reasons = []
-    if compiled_scan and not compiled_scan_available():
-        reasons.append("needs Mamba's compiled CPU scan, which needs a C++ compiler (g++)")
+    if compiled and not compiled_available():
+        reasons.append("needs Mamba's compiled CPU loops, which need a C++ compiler (g++)")
     if cuda and not torch.cuda.is_available():
         reasons.append("needs a CUDA device")
     if kernels and not kernels_available(*kernels):

@@ -2,7 +2,7 @@
 
 A state dict of ``mamba_ssm.modules.mamba_simple.Mamba`` loads into this module unchanged, so
 weights move between our PyTorch path and the CUDA kernels. Backends: l2m.models.kernels
-("compiled" is the fused CPU loop of l2m.models.compiled_scan, which "auto" takes on a CPU where it
+("compiled" is the fused CPU loop of l2m.models.compiled, which "auto" takes on a CPU where it
 builds; "reference" is the sequential per-token scan, for tests and benchmarks).
 
 History state per sequence (spec §3): ssm = d_inner·d_state, conv = d_inner·(d_conv−1).
@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import is_int
-from l2m.models.compiled_scan import compiled_selective_scan_channels_last, require_compiled_scan, use_compiled_scan
+from l2m.models.compiled import (
+    compiled_causal_conv1d_silu,
+    compiled_selective_scan_channels_last,
+    require_compiled,
+    use_compiled,
+)
 from l2m.models.config import MixerConfig
 from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.selective_scan import selective_scan, selective_scan_ref
@@ -61,7 +66,7 @@ class MambaConfig(MixerConfig):
         if self.dt_rank != "auto" and not (is_int(self.dt_rank) and self.dt_rank >= 1):
             raise ValueError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or an int >= 1, got {self.dt_rank!r}")
         require_kernels("Mamba", self.backend, KERNELS)
-        require_compiled_scan("Mamba", self.backend)
+        require_compiled("Mamba", self.backend)
 
 
 def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,20 +113,18 @@ class Mamba(nn.Module):
         kernels = use_kernels("Mamba", self.backend, KERNELS, hidden)
         if kernels and kernels_available(*FUSED_KERNELS):
             return self._fused_forward(hidden)
-        compiled = not kernels and use_compiled_scan("Mamba", self.backend, hidden)
+        compiled = not kernels and use_compiled("Mamba", self.backend, hidden)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
         f = torch.float32 if kernels else ssm_state_dtype(hidden.dtype)  # the kernels take float32
         A = -torch.exp(self.A_log.to(f))  # (d_inner, d_state)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
-        x = x.transpose(1, 2)  # (B, d_inner, L)
         if conv_fn is not None:
-            x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            x = x.transpose(1, 2)  # (B, L, d_inner)
-        elif compiled:  # the loop reads channels last: one copy here instead of one per scan input,
-            # before the SiLU, whose backward is slow where gradient and input differ in layout
-            x = F.silu(causal_conv1d(x, self.conv1d).transpose(1, 2).contiguous())  # (B, L, d_inner)
+            x = x.transpose(1, 2).contiguous()  # (B, d_inner, L), as the kernel reads it
+            x = conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu").transpose(1, 2)
+        elif compiled:  # channels last throughout: no transposed copies
+            x = compiled_causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (B, L, d_inner)
         else:
-            x = F.silu(causal_conv1d(x, self.conv1d)).transpose(1, 2)  # (B, L, d_inner)
+            x = F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d)).transpose(1, 2)  # (B, L, d_inner)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, r / n / n)
         dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner); bias goes into the scan's softplus
         scan_args = dict(D=self.D.to(f), delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)

@@ -1,15 +1,16 @@
-// Mamba-1 selective scan on a CPU: a fused sequential loop, forward and backward, built by
-// l2m.models.compiled_scan with the system C++ compiler and called via ctypes.
+// Mamba-1 on a CPU: the selective scan, and the causal depthwise convolution with its SiLU, as
+// fused loops with their backward passes. Built by l2m.models.compiled with the system C++ compiler
+// and called via ctypes.
 //
 // The parallel scan in selective_scan.py materialises (t, b, d, n) tensors several times over and
 // is memory-bound; here a block of W channels steps through time together, one SIMD lane per
-// channel, its state (n x W) in L1, and every decay exp(dt A) is computed where it is used. The
+// channel, its state (n x W) in cache, and every decay exp(dt A) is computed where it is used. The
 // math is selective_scan.py's:
 //
 //   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,    y_t = <C_t, h_t> + D u_t
 //
 // with dt already through its bias and softplus, and the gate silu(z) applied after: those are
-// elementwise, and torch's vectorised ops beat a transcendental call per step here.
+// elementwise, and torch's vectorised ops do them as fast.
 //
 // Layouts (row-major, contiguous), channels last as the mixer's linear layers give them:
 // u, dt, y: (b, l, d); B, C: (b, l, n); A: (d, n); D: (d); h0 and the last state: (b, d, n).
@@ -29,11 +30,12 @@ constexpr int64_t SEGMENT = 128;  // the backward recomputes states a segment at
 
 // exp that vectorises inside `omp simd` loops (std::exp is a library call per element): range
 // reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (relative error < 2e-9,
-// below float32 rounding). Arguments under -87 return 0: decays exp(dt A) that small carry nothing.
+// below float32 rounding). Arguments under -87 return 0 (decays exp(dt A) that small carry nothing),
+// over 88 e^88 (in a sigmoid, 1 / (1 + e^88) is 0 to float precision).
 inline float exp_vec(float x) {
   const float log2e = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-6f;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float clamped = std::max(x, -87.0f);
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);  // e^88 is still finite
   const float k = (clamped * log2e + round_magic) - round_magic;
   const float r = (clamped - k * ln2_hi) - k * ln2_lo;
   float p = 1.0f / 5040;
@@ -51,6 +53,28 @@ inline float exp_vec(float x) {
 }
 
 inline double exp_vec(double x) { return std::exp(x); }  // float64 is for tests: exact beats fast
+
+// Lane copies between a row of `width` <= W channels and W lanes (zero past width). Full blocks take
+// fixed-length loops, which compile to vector moves; a library copy per step cost more than the math.
+template <typename T>
+inline void to_lanes(const T* from, int64_t width, T* lanes) {
+  if (width == W) {
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) lanes[w] = from[w];
+  } else {
+    for (int64_t w = 0; w < W; ++w) lanes[w] = w < width ? from[w] : T(0);
+  }
+}
+
+template <typename T>
+inline void from_lanes(const T* lanes, int64_t width, T* to) {
+  if (width == W) {
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) to[w] = lanes[w];
+  } else {
+    for (int64_t w = 0; w < width; ++w) to[w] = lanes[w];
+  }
+}
 
 template <typename T>
 struct Scan {
@@ -74,15 +98,9 @@ struct Block {
   }
 
   // Reads (b, l, d) row t into a W-lane array, zero past width.
-  void load(const T* x, int64_t t, T* lanes) const {
-    const T* row = x + (batch * s.l + t) * s.d + c0;
-    for (int64_t w = 0; w < W; ++w) lanes[w] = w < width ? row[w] : T(0);
-  }
+  void load(const T* x, int64_t t, T* lanes) const { to_lanes(x + (batch * s.l + t) * s.d + c0, width, lanes); }
 
-  void store(T* x, int64_t t, const T* lanes) const {
-    T* row = x + (batch * s.l + t) * s.d + c0;
-    for (int64_t w = 0; w < width; ++w) row[w] = lanes[w];
-  }
+  void store(T* x, int64_t t, const T* lanes) const { from_lanes(lanes, width, x + (batch * s.l + t) * s.d + c0); }
 
   void initial_state(T* h) const {
     std::fill(h, h + s.n * W, T(0));
@@ -294,6 +312,132 @@ void backward(const Scan<T>& s, const T* starts, const T* dy, const T* dlast, T*
   }
 }
 
+// Mamba's causal depthwise convolution and its SiLU, channels last, in the same blocks of W lanes:
+//   y_t = silu(bias + sum_k weight_k x_{t-K+1+k})     (x_s = 0 before the sequence)
+// x: (b, l, d) with `row` elements between time steps (a view of in_proj's output needs no copy);
+// weight: (d, K); bias: (d) or null; y, dx: (b, l, d) contiguous; dweight: (d, K); dbias: (d).
+template <typename T>
+struct Conv {
+  const T *x, *weight, *bias;
+  int64_t b, l, d, row, K;
+
+  struct Lanes {  // one block's weights (K x W) and bias (W), zero past its width
+    int64_t batch, c0, width;
+    std::vector<T> weight, bias;
+  };
+
+  Lanes lanes(int64_t item) const {
+    const int64_t per_batch = (d + W - 1) / W, c0 = (item % per_batch) * W;
+    Lanes out{item / per_batch, c0, std::min(W, d - c0), std::vector<T>(K * W, T(0)), std::vector<T>(W, T(0))};
+    for (int64_t w = 0; w < out.width; ++w) {
+      for (int64_t k = 0; k < K; ++k) out.weight[k * W + w] = weight[(c0 + w) * K + k];
+      if (bias) out.bias[w] = bias[c0 + w];
+    }
+    return out;
+  }
+
+  // x at step s of the block into lanes, zero before the sequence and past the width
+  void load(const Lanes& block, int64_t s, T* into) const {
+    if (s >= 0) {
+      to_lanes(x + (block.batch * l + s) * row + block.c0, block.width, into);
+    } else {
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) into[w] = T(0);
+    }
+  }
+
+  void pre_activation(const Lanes& block, int64_t t, T* acc, T* window) const {  // window: K x W inputs
+    for (int64_t k = 0; k < K; ++k) load(block, t - K + 1 + k, window + k * W);
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) acc[w] = block.bias[w];
+    for (int64_t k = 0; k < K; ++k) {
+      const T* wk = block.weight.data() + k * W;
+      const T* xk = window + k * W;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) acc[w] += wk[w] * xk[w];
+    }
+  }
+};
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + exp_vec(-v));
+}
+
+template <typename T>
+void conv_forward(const Conv<T>& c, T* y, int threads) {
+  const int64_t items = c.b * ((c.d + W - 1) / W);
+  parallel_items(items, clamp_threads(threads, items), [&](int, int64_t begin, int64_t end) {
+    std::vector<T> window(c.K * W);
+    alignas(64) T acc[W];
+    for (int64_t item = begin; item < end; ++item) {
+      const auto block = c.lanes(item);
+      for (int64_t t = 0; t < c.l; ++t) {
+        c.pre_activation(block, t, acc, window.data());
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) acc[w] *= sigmoid(acc[w]);
+        from_lanes(acc, block.width, y + (block.batch * c.l + t) * c.d + block.c0);
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_backward(const Conv<T>& c, const T* dy, T* dx, T* dweight, T* dbias, int threads) {
+  const int64_t K = c.K, items = c.b * ((c.d + W - 1) / W);
+  threads = clamp_threads(threads, items);
+  std::vector<std::vector<T>> dweights(threads, std::vector<T>(c.d * K)), dbiases(threads, std::vector<T>(c.d));
+  parallel_items(items, threads, [&](int worker, int64_t begin, int64_t end) {
+    std::vector<T> window(K * W), grads(K * W);  // grads: dL/d(pre-activation) of the last K steps, by t mod K
+    std::vector<T> dw_lanes(K * W);
+    alignas(64) T acc[W], g[W], gate[W], grad[W], db_lanes[W];
+    for (int64_t item = begin; item < end; ++item) {
+      const auto block = c.lanes(item);
+      std::fill(grads.begin(), grads.end(), T(0));
+      std::fill(dw_lanes.begin(), dw_lanes.end(), T(0));
+      std::fill(db_lanes, db_lanes + W, T(0));
+      int64_t slot = (c.l - 1) % K;  // step t + j sits in slot (slot + j) mod K (no division per step)
+      for (int64_t t = c.l - 1; t >= 0; --t, slot = slot == 0 ? K - 1 : slot - 1) {
+        c.pre_activation(block, t, acc, window.data());
+        to_lanes(dy + (block.batch * c.l + t) * c.d + block.c0, block.width, g);
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) gate[w] = sigmoid(acc[w]);
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+          grad[w] = g[w] * gate[w] * (T(1) + acc[w] * (T(1) - gate[w]));  // silu'(pre) = s (1 + pre (1 - s))
+          db_lanes[w] += grad[w];
+        }
+        std::copy(grad, grad + W, grads.data() + slot * W);
+        for (int64_t k = 0; k < K; ++k) {
+          const T* xk = window.data() + k * W;
+          T* dwk = dw_lanes.data() + k * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) dwk[w] += grad[w] * xk[w];
+        }
+        // dx_t = sum_k weight_k dL/d(pre_{t+K-1-k}), over the steps that exist
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) acc[w] = 0;
+        for (int64_t k = std::max<int64_t>(0, t + K - c.l); k < K; ++k) {
+          const T* wk = block.weight.data() + k * W;
+          const int64_t later = slot + K - 1 - k;
+          const T* gk = grads.data() + (later >= K ? later - K : later) * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) acc[w] += wk[w] * gk[w];
+        }
+        from_lanes(acc, block.width, dx + (block.batch * c.l + t) * c.d + block.c0);
+      }
+      for (int64_t w = 0; w < block.width; ++w) {
+        dbiases[worker][block.c0 + w] += db_lanes[w];
+        for (int64_t k = 0; k < K; ++k) dweights[worker][(block.c0 + w) * K + k] += dw_lanes[k * W + w];
+      }
+    }
+  });
+  for (int worker = 0; worker < threads; ++worker) {
+    add_into(dweight, dweights[worker]);
+    add_into(dbias, dbiases[worker]);
+  }
+}
+
 }  // namespace
 
 // Scalars of the state kept by the forward pass for the backward: one n x W state per segment and block.
@@ -302,6 +446,15 @@ extern "C" int64_t l2m_scan_saved_states(int64_t b, int64_t d, int64_t l, int64_
 }
 
 #define L2M_SCAN_API(T, SUFFIX)                                                                              \
+  extern "C" void l2m_conv_forward_##SUFFIX(const T* x, const T* weight, const T* bias, int64_t b, int64_t l,      \
+                                            int64_t d, int64_t row, int64_t K, T* y, int threads) {            \
+    conv_forward(Conv<T>{x, weight, bias, b, l, d, row, K}, y, threads);                                        \
+  }                                                                                                            \
+  extern "C" void l2m_conv_backward_##SUFFIX(const T* x, const T* weight, const T* bias, int64_t b, int64_t l,     \
+                                             int64_t d, int64_t row, int64_t K, const T* dy, T* dx, T* dweight, \
+                                             T* dbias, int threads) {                                            \
+    conv_backward(Conv<T>{x, weight, bias, b, l, d, row, K}, dy, dx, dweight, dbias, threads);                  \
+  }                                                                                                            \
   extern "C" void l2m_scan_forward_##SUFFIX(const T* u, const T* dt, const T* A, const T* B, const T* C,       \
                                             const T* D, const T* h0, int64_t b, int64_t d, int64_t l,         \
                                             int64_t n, T* y, T* last, T* starts, int threads) {               \

@@ -1,6 +1,6 @@
-"""Mamba-1's compiled CPU scan: values and gradients against the sequential reference (float64 to
-rounding, float32 with decays far past float range), threads, the mixer's backends, the build and
-what a user sees where it cannot be built."""
+"""Mamba-1's compiled CPU loops: the scan's values and gradients against the sequential reference
+(float64 to rounding, float32 with decays far past float range), the conv's against torch's,
+threads, the mixer's backends, the build and what a user sees where it cannot be built."""
 
 import os
 import subprocess
@@ -8,13 +8,22 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, assert_same_training_pass, run_if
-from l2m.models.compiled_scan import CompileError, build, compiled_selective_scan, compiler, library_path
+from l2m.models.compiled import (
+    CompileError,
+    build,
+    compiled_causal_conv1d_silu,
+    compiled_selective_scan,
+    compiler,
+    library_path,
+)
+from l2m.models.kernels import causal_conv1d
 from l2m.models.mamba import Mamba, MambaConfig
 from l2m.models.selective_scan import selective_scan_ref
 
-pytestmark = run_if(compiled_scan=True)
+pytestmark = run_if(compiled=True)
 
 
 def scan_inputs(b, d, n, l, dtype, dt_scale=1.0, seed=0):
@@ -74,16 +83,23 @@ def test_compiled_scan_without_optional_inputs():
 
 def test_threads_split_the_work_without_changing_the_result():
     inputs = scan_inputs(3, 40, 8, 70, torch.float64)
+    conv = torch.nn.Conv1d(40, 40, 4, groups=40, padding=3).double()
+    x = torch.randn(3, 70, 40, dtype=torch.float64, requires_grad=True)
+
+    def conv_values_and_grads():
+        y = compiled_causal_conv1d_silu(x, conv.weight, conv.bias)
+        return [y, *torch.autograd.grad(y.square().sum(), [x, conv.weight, conv.bias])]
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, names = values_and_grads(compiled_selective_scan, inputs)
+        one = values_and_grads(compiled_selective_scan, inputs)[0] + conv_values_and_grads()
         torch.set_num_threads(3)  # 3 threads over 3 x 3 blocks: sums over the batch and blocks cross threads
-        three, _ = values_and_grads(compiled_selective_scan, inputs)
+        three = values_and_grads(compiled_selective_scan, inputs)[0] + conv_values_and_grads()
     finally:
         torch.set_num_threads(threads)
-    for name, a, e in zip(names, three, one):
-        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    for k, (a, e) in enumerate(zip(three, one)):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13, msg=lambda m: f"output {k}: {m}")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
@@ -103,7 +119,7 @@ def test_auto_takes_the_compiled_loop_on_a_cpu():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         mixer(torch.randn(1, 8, 16)).sum().backward()
     names = {event.key for event in prof.key_averages()}
-    assert {"_CompiledScan", "_CompiledScanBackward"} <= names
+    assert {"_CompiledScan", "_CompiledScanBackward", "_CompiledConvSiLU", "_CompiledConvSiLUBackward"} <= names
 
 
 def test_compiled_backend_off_the_cpu_says_what_to_set():
@@ -115,24 +131,24 @@ def test_compiled_backend_off_the_cpu_says_what_to_set():
 def test_build_caches_by_source_and_reports_compiler_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("L2M_CACHE_DIR", str(tmp_path))
     built = build()
-    assert built == library_path(compiler()) and built.parent == tmp_path / "scan" and built.stat().st_size > 0
+    assert built == library_path(compiler()) and built.parent == tmp_path / "compiled" and built.stat().st_size > 0
     mtime = built.stat().st_mtime_ns
     assert build() == built and built.stat().st_mtime_ns == mtime  # the second call reuses it
     broken = tmp_path / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'error: no space left on device' >&2\nexit 1\n")
     broken.chmod(0o755)
-    with pytest.raises(CompileError, match="failed on selective_scan_cpu.cpp:\nerror: no space left on device"):
+    with pytest.raises(CompileError, match="failed on compiled.cpp:\nerror: no space left on device"):
         build(str(broken))
-    assert list((tmp_path / "scan").iterdir()) == [built]  # no partial library left behind
+    assert list((tmp_path / "compiled").iterdir()) == [built]  # no partial library left behind
 
 
 def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do():
-    """L2M_COMPILED_SCAN=0 stands for a machine where it cannot be built (the same code path)."""
+    """L2M_COMPILED=0 stands for a machine where it cannot be built (the same code path)."""
     script = """
 import torch
-from l2m.models.compiled_scan import compiled_scan_available
+from l2m.models.compiled import compiled_available
 from l2m.models.mamba import Mamba, MambaConfig
-assert not compiled_scan_available()
+assert not compiled_available()
 torch.manual_seed(0)
 Mamba(MambaConfig(n_layer=1, d_model=16, backend="auto"))(torch.randn(1, 8, 16))  # the torch path runs
 try:
@@ -140,10 +156,28 @@ try:
 except RuntimeError as err:
     print(err)
 """
-    env = {**os.environ, "L2M_COMPILED_SCAN": "0"}
+    env = {**os.environ, "L2M_COMPILED": "0"}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        "Mamba: backend='compiled' needs the compiled CPU scan, which is not available (L2M_COMPILED_SCAN=0 turns "
-        "it off): install a C++ compiler (g++), or set backend='torch' (or 'auto')"
+        "Mamba: backend='compiled' needs Mamba's compiled CPU loops, which are not available (L2M_COMPILED=0 "
+        "turns it off): install a C++ compiler (g++), or set backend='torch' (or 'auto')"
     )
+
+
+@pytest.mark.parametrize("d, l", [(20, 37), (16, 2)])  # a partial block of channels; fewer steps than the kernel
+def test_compiled_conv_equals_torch_conv_and_silu_in_float64(d, l):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(d, d, 4, groups=d, padding=3).double()
+    xz = torch.randn(3, l, 2 * d, dtype=torch.float64, requires_grad=True)
+    x = xz[..., :d]  # a strided view, as the mixer passes in_proj's output
+    results = []
+    for path in ("compiled", "torch"):
+        if path == "compiled":
+            y = compiled_causal_conv1d_silu(x, conv.weight, conv.bias)
+        else:
+            y = F.silu(causal_conv1d(x.transpose(1, 2), conv)).transpose(1, 2)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        results.append([y, *torch.autograd.grad(y, [xz, conv.weight, conv.bias], g)])
+    for name, a, e in zip(["y", "dx", "dweight", "dbias"], *results):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")

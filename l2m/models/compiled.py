@@ -1,16 +1,19 @@
-"""Mamba-1's selective scan as a compiled CPU loop (``selective_scan_cpu.cpp``), with its own backward.
+"""Mamba-1's CPU path as compiled loops (``compiled.cpp``) with their own backward: the selective
+scan, and the causal depthwise convolution with its SiLU. ``backend="compiled"``; ``"auto"`` takes
+them on a CPU where they build.
 
 ``compiled_selective_scan`` takes the arguments of ``l2m.models.selective_scan.selective_scan``
 (mamba-ssm's ``selective_scan_fn`` layout) and gives its results;
-``compiled_selective_scan_channels_last`` is the same with channels last, as the Mamba mixer calls
-it (no transposed copies). The loop keeps a block of channels' states in L1 instead of materialising
-(t, b, d, n) tensors, which is what bounds the parallel scan on a CPU.
+``compiled_selective_scan_channels_last`` is the same with channels last, as the mixer calls it,
+like ``compiled_causal_conv1d_silu`` (no transposed copies). The loops step blocks of 16 channels
+through time, one SIMD lane each, with the states in cache, instead of materialising the
+(t, b, d, n) tensors that bound the parallel scan on a CPU.
 
 The library is built once per source, compiler and CPU with the system C++ compiler (``$CXX``,
-else g++ or c++) into ``$L2M_CACHE_DIR/scan`` (default ``~/.cache/l2m/scan``): by
-``scripts/setup.sh``, else at first use. Where no compiler
-works (or with ``L2M_COMPILED_SCAN=0``), ``compiled_scan_available()`` is False and the Mamba mixer's
-``backend="auto"`` keeps the pure-PyTorch scan.
+else g++ or c++) into ``$L2M_CACHE_DIR/compiled`` (default ``~/.cache/l2m/compiled``): by
+``scripts/setup.sh``, else at first use (about 4 s). Where no compiler works (or with
+``L2M_COMPILED=0``), ``compiled_available()`` is False and ``backend="auto"`` keeps the
+pure-PyTorch path.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from torch import Tensor
 
 from l2m.models.selective_scan import finish_scan, step_sizes
 
-SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+SOURCE = Path(__file__).with_name("compiled.cpp")
 # -march=native: the library is built where it runs; the CPU's flags are part of its file name
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -42,7 +45,7 @@ class CompileError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("L2M_CACHE_DIR", "~/.cache/l2m")).expanduser() / "scan"
+    return Path(os.environ.get("L2M_CACHE_DIR", "~/.cache/l2m")).expanduser() / "compiled"
 
 
 def compiler() -> str | None:
@@ -63,11 +66,11 @@ def _cpu_signature() -> str:
 
 def library_path(cxx: str) -> Path:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_signature()]).encode()).hexdigest()
-    return cache_dir() / f"selective_scan_cpu-{key[:16]}.so"
+    return cache_dir() / f"compiled-{key[:16]}.so"
 
 
 def build(cxx: str | None = None) -> Path:
-    """Compiles the loop unless this source, compiler and CPU were built already; returns the library."""
+    """Compiles the loops unless this source, compiler and CPU were built already; returns the library."""
     cxx = cxx or compiler()
     if cxx is None:
         raise CompileError("no C++ compiler found (set $CXX, or install g++)")
@@ -87,12 +90,12 @@ def build(cxx: str | None = None) -> Path:
 @lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The library, or None and why not."""
-    if os.environ.get("L2M_COMPILED_SCAN", "1") == "0":
-        return None, "L2M_COMPILED_SCAN=0 turns it off"
+    if os.environ.get("L2M_COMPILED", "1") == "0":
+        return None, "L2M_COMPILED=0 turns it off"
     try:
         return ctypes.CDLL(str(build())), ""
     except (CompileError, OSError) as err:
-        warnings.warn(f"l2m: the compiled CPU scan is not available ({err}); Mamba on a CPU runs the pure-PyTorch "
+        warnings.warn(f"l2m: Mamba's compiled CPU loops are not available ({err}); on a CPU it runs the pure-PyTorch "
                       "scan, about 5x slower a step", stacklevel=2)
         return None, str(err)
 
@@ -101,21 +104,21 @@ def _library() -> ctypes.CDLL | None:
     return _load()[0]
 
 
-def compiled_scan_available() -> bool:
-    """True where the loop is built or builds now (and L2M_COMPILED_SCAN is not 0)."""
+def compiled_available() -> bool:
+    """True where the loops are built or build now (and L2M_COMPILED is not 0)."""
     return _library() is not None
 
 
-def require_compiled_scan(who: str, backend: str) -> None:
+def require_compiled(who: str, backend: str) -> None:
     """At construction: backend='compiled' where the loop cannot be built is a RuntimeError."""
-    if backend == "compiled" and not compiled_scan_available():
+    if backend == "compiled" and not compiled_available():
         raise RuntimeError(
-            f"{who}: backend='compiled' needs the compiled CPU scan, which is not available ({_load()[1]}): "
+            f"{who}: backend='compiled' needs Mamba's compiled CPU loops, which are not available ({_load()[1]}): "
             "install a C++ compiler (g++), or set backend='torch' (or 'auto')"
         )
 
 
-def use_compiled_scan(who: str, backend: str, x: Tensor) -> bool:
+def use_compiled(who: str, backend: str, x: Tensor) -> bool:
     """Per call: whether this input runs on the compiled loop; backend='compiled' off the CPU is a ValueError."""
     on_cpu = x.device.type == "cpu"
     if backend == "compiled" and not on_cpu:
@@ -123,7 +126,7 @@ def use_compiled_scan(who: str, backend: str, x: Tensor) -> bool:
             f"{who}: backend='compiled' runs on CPU tensors only, got input on {x.device}: "
             "set backend='auto' (the CUDA kernels where installed) or 'torch'"
         )
-    return backend in ("auto", "compiled") and on_cpu and compiled_scan_available()
+    return backend in ("auto", "compiled") and on_cpu and compiled_available()
 
 
 def compiled_selective_scan(
@@ -214,3 +217,50 @@ class _CompiledScan(torch.autograd.Function):
             _pointer(grad_last), *map(_pointer, (du, ddt, dA, dB, dC, dD, dh0)), ctypes.c_int(torch.get_num_threads()),
         )
         return du, ddt, dA, dB, dC, dD, dh0
+
+
+def compiled_causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """silu(causal depthwise conv of x), channels last: x (b, l, d), any layout whose channels are
+    contiguous (a slice of in_proj's output needs no copy); weight (d, 1, K) as nn.Conv1d holds it;
+    bias (d). Returns (b, l, d) in x's dtype, computed in float32 (float64 for float64 inputs)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    if work not in DTYPES:
+        raise TypeError(f"the compiled convolution computes in float32 or float64, got inputs in {x.dtype}")
+    return _CompiledConvSiLU.apply(x.to(work), weight.to(work), None if bias is None else bias.to(work)).to(x.dtype)
+
+
+def _rows(x: Tensor) -> tuple[Tensor, int]:
+    """x and its stride between time steps, copied only where channels or batches are not laid out
+    as (b, l, row) with unit channel stride."""
+    b, l, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) < d or x.stride(0) != l * x.stride(1):
+        x = x.contiguous()
+    return x, x.stride(1)
+
+
+class _CompiledConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, row = _rows(x)
+        (b, l, d), K = x.shape, weight.shape[-1]
+        weight, bias = weight.reshape(d, K).contiguous(), None if bias is None else bias.contiguous()
+        y = x.new_empty(b, l, d)
+        getattr(_library(), f"l2m_conv_forward_{DTYPES[x.dtype]}")(
+            _pointer(x), _pointer(weight), _pointer(bias), *map(ctypes.c_int64, (b, l, d, row, K)), _pointer(y),
+            ctypes.c_int(torch.get_num_threads()),
+        )
+        ctx.save_for_backward(x, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        (b, l, d), K = x.shape, weight.shape[-1]
+        grad_y = grad_y.contiguous()  # held: the loop reads its memory
+        dx, dweight = x.new_empty(b, l, d), x.new_zeros(d, K)
+        dbias = None if bias is None else x.new_zeros(d)
+        getattr(_library(), f"l2m_conv_backward_{DTYPES[x.dtype]}")(
+            _pointer(x), _pointer(weight), _pointer(bias), *map(ctypes.c_int64, (b, l, d, x.stride(1), K)),
+            _pointer(grad_y), _pointer(dx), _pointer(dweight), _pointer(dbias), ctypes.c_int(torch.get_num_threads()),
+        )
+        return dx, dweight.view(d, 1, K), dbias
