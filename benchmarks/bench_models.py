@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from l2m.models import build_model
+from l2m.models.compiled import compiled_available
 from l2m.models.kernels import kernels_available
 from l2m.models.mamba import KERNELS as MAMBA_KERNELS
 from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
@@ -32,6 +33,8 @@ def backends(arch: str, device: str, loop_max_len: int, L: int) -> list[str]:
     names = ["torch"]
     if device == "cuda" and kernels_available(*(MAMBA_KERNELS if arch == "mamba" else MAMBA2_KERNELS)):
         names.append("kernels")
+    if device == "cpu" and arch == "mamba" and compiled_available():
+        names.append("compiled")
     if arch == "mamba" and L <= loop_max_len:
         names += ["reference", "step-loop"]
     return names
