@@ -6,7 +6,7 @@
 
 A step is forward, the Gaussian task's loss, backward and AdamW, on one sequence batch (`--batch`) of
 Gaussian tokens (dim 64), per model x L x backend (torch; kernels where mamba-ssm is installed; Mamba's
-compiled CPU loop on a CPU) x
+compiled CPU loops on a CPU) x
 precision (fp32, bf16 autocast) x activation checkpointing (off, on). Times are the median of
 `--repeats` steps after two warm-up steps. MFU is 3 x flops_per_token x tokens/s over the device's
 dense peak (l2m.training.throughput.PEAK_FLOPS), blank where the peak is unknown (CPUs). A

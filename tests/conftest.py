@@ -51,7 +51,7 @@ def run_if(
     """Skip unless the machine has what the test needs, saying what is missing (Lightning's RunIf):
     cuda: a CUDA device; kernels: these l2m.models.kernels are importable; missing_kernels: they
     are not (tests of the error shown where they are missing); compiled: Mamba's compiled CPU
-    loop builds here."""
+    loops build here."""
     import torch
 
     from l2m.models.compiled import compiled_available

@@ -93,11 +93,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("L2M_COMPILED", "1") == "0":
         return None, "L2M_COMPILED=0 turns it off"
     try:
-        return ctypes.CDLL(str(build())), ""
+        library = ctypes.CDLL(str(build()))
     except (CompileError, OSError) as err:
         warnings.warn(f"l2m: Mamba's compiled CPU loops are not available ({err}); on a CPU it runs the pure-PyTorch "
                       "scan, about 5x slower a step", stacklevel=2)
         return None, str(err)
+    library.l2m_scan_saved_states.restype = ctypes.c_int64  # ctypes would read an int
+    return library, ""
 
 
 def _library() -> ctypes.CDLL | None:
@@ -110,7 +112,7 @@ def compiled_available() -> bool:
 
 
 def require_compiled(who: str, backend: str) -> None:
-    """At construction: backend='compiled' where the loop cannot be built is a RuntimeError."""
+    """At construction: backend='compiled' where the loops cannot be built is a RuntimeError."""
     if backend == "compiled" and not compiled_available():
         raise RuntimeError(
             f"{who}: backend='compiled' needs Mamba's compiled CPU loops, which are not available ({_load()[1]}): "
@@ -119,7 +121,7 @@ def require_compiled(who: str, backend: str) -> None:
 
 
 def use_compiled(who: str, backend: str, x: Tensor) -> bool:
-    """Per call: whether this input runs on the compiled loop; backend='compiled' off the CPU is a ValueError."""
+    """Per call: whether this input runs on the compiled loops; backend='compiled' off the CPU is a ValueError."""
     on_cpu = x.device.type == "cpu"
     if backend == "compiled" and not on_cpu:
         raise ValueError(
@@ -174,9 +176,7 @@ def compiled_selective_scan_channels_last(
     if work not in DTYPES:
         raise TypeError(f"the compiled selective scan computes in float32 or float64, got inputs in {u.dtype}")
     dt = step_sizes(delta, delta_bias, delta_softplus, work, channels_last=True)  # (b, l, d)
-    y, last = _CompiledScan.apply(
-        *(None if t is None else t.to(work) for t in (u, dt, A, B, C, D, h0))
-    )
+    y, last = _CompiledScan.apply(*(None if t is None else t.to(work) for t in (u, dt, A, B, C, D, h0)))
     return finish_scan(y, u, None, z, last if return_last_state else None)
 
 

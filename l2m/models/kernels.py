@@ -6,9 +6,9 @@ backend, one setting for both mixers:
   "kernels"   mamba-ssm's kernels (CUDA tensors only); where causal-conv1d is installed too, the
               forward pass is one fused autograd function per mixer (mamba_inner_fn,
               mamba_split_conv1d_scan_combined) that recomputes activations in its backward;
-  "compiled"  (Mamba only) the fused CPU loop of l2m.models.compiled (CPU tensors only);
-  "auto"      the kernels when importable and the input is on CUDA, Mamba's compiled loop where it
-              builds and the input is on a CPU, else torch;
+  "compiled"  (Mamba only) the compiled CPU loops of l2m.models.compiled (CPU tensors only);
+  "auto"      the kernels when importable and the input is on CUDA, Mamba's compiled loops where
+              they build and the input is on a CPU, else torch;
   "reference" (Mamba only) the sequential per-token scan, for tests and benchmarks.
 """
 

@@ -2,8 +2,9 @@
 
 A state dict of ``mamba_ssm.modules.mamba_simple.Mamba`` loads into this module unchanged, so
 weights move between our PyTorch path and the CUDA kernels. Backends: l2m.models.kernels
-("compiled" is the fused CPU loop of l2m.models.compiled, which "auto" takes on a CPU where it
-builds; "reference" is the sequential per-token scan, for tests and benchmarks).
+("compiled" runs the conv and the scan as the compiled CPU loops of l2m.models.compiled, which
+"auto" takes on a CPU where they build; "reference" is the sequential per-token scan, for tests and
+benchmarks).
 
 History state per sequence (spec §3): ssm = d_inner·d_state, conv = d_inner·(d_conv−1).
 Step mode carries exactly those tensors; the SSM state in at least float32 (see `init_state`).
