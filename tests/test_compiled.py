@@ -140,6 +140,9 @@ def test_build_caches_by_source_and_reports_compiler_errors(tmp_path, monkeypatc
     with pytest.raises(CompileError, match="failed on compiled.cpp:\nerror: no space left on device"):
         build(str(broken))
     assert list((tmp_path / "compiled").iterdir()) == [built]  # no partial library left behind
+    monkeypatch.setenv("L2M_CACHE_DIR", str(built / "below-a-file"))
+    with pytest.raises(CompileError, match=r"cannot write the library to .*below-a-file/compiled .*set L2M_CACHE_DIR"):
+        build()
 
 
 def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do():

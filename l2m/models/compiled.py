@@ -77,13 +77,18 @@ def build(cxx: str | None = None) -> Path:
     target = library_path(cxx)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        partial = Path(work) / target.name
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CompileError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
-        os.replace(partial, target)  # atomic: a concurrent build of the same key only ever sees a whole file
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            partial = Path(work) / target.name
+            result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise CompileError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
+            os.replace(partial, target)  # atomic: a concurrent build of the same key only ever sees a whole file
+    except OSError as err:
+        raise CompileError(
+            f"cannot write the library to {target.parent} ({err.strerror or err}): set L2M_CACHE_DIR to a writable folder"
+        ) from err
     return target
 
 
@@ -94,7 +99,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "L2M_COMPILED=0 turns it off"
     try:
         library = ctypes.CDLL(str(build()))
-    except (CompileError, OSError) as err:
+    except (CompileError, OSError) as err:  # OSError: a library that does not load
         warnings.warn(f"l2m: Mamba's compiled CPU loops are not available ({err}); on a CPU it runs the pure-PyTorch "
                       "scan, about 5x slower a step", stacklevel=2)
         return None, str(err)
