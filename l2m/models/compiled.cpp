@@ -156,14 +156,22 @@ int64_t blocks_per_batch(const Scan<T>& s) {
   return (s.d + W - 1) / W;
 }
 
-// Splits work items (batch x channel block) into contiguous ranges, one thread each.
+// Splits work items (batch x channel block) into contiguous ranges, one per worker. With OpenMP the
+// workers are the threads of the runtime torch loaded (the same libgomp.so.1 soname binds to it):
+// threads of a second pool would compete with torch's for the cores while those spin-wait.
 template <typename Body>
 void parallel_items(int64_t items, int threads, Body body) {
   if (threads == 1) return body(0, int64_t(0), items);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int worker = 0; worker < threads; ++worker)
+    body(worker, items * worker / threads, items * (worker + 1) / threads);
+#else
   std::vector<std::thread> pool;
   for (int worker = 0; worker < threads; ++worker)
     pool.emplace_back(body, worker, items * worker / threads, items * (worker + 1) / threads);
   for (auto& thread : pool) thread.join();
+#endif
 }
 
 int clamp_threads(int threads, int64_t items) {

@@ -36,7 +36,10 @@ from l2m.models.selective_scan import finish_scan, step_sizes
 
 SOURCE = Path(__file__).with_name("compiled.cpp")
 # -march=native: the library is built where it runs; the CPU's flags are part of its file name
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# Threads from OpenMP where the compiler has it (then they are torch's own: see parallel_items in the
+# C++ file), else from std::thread with the SIMD pragmas still read. Tried in this order.
+THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -64,8 +67,9 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def library_path(cxx: str) -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_signature()]).encode()).hexdigest()
+def library_path(cxx: str, threading: tuple[str, ...] = THREADING[0]) -> Path:
+    flags = [*FLAGS, *threading]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *flags, _cpu_signature()]).encode()).hexdigest()
     return cache_dir() / f"compiled-{key[:16]}.so"
 
 
@@ -74,14 +78,24 @@ def build(cxx: str | None = None) -> Path:
     cxx = cxx or compiler()
     if cxx is None:
         raise CompileError("no C++ compiler found (set $CXX, or install g++)")
-    target = library_path(cxx)
-    if target.exists():
-        return target
+    targets = [library_path(cxx, threading) for threading in THREADING]
+    built = next((target for target in targets if target.exists()), None)
+    if built is not None:
+        return built
+    for threading, target in zip(THREADING, targets):
+        try:
+            return _compile(cxx, [*FLAGS, *threading], target)
+        except CompileError as err:
+            error = err
+    raise error
+
+
+def _compile(cxx: str, flags: list[str], target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             partial = Path(work) / target.name
-            result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+            result = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
             if result.returncode != 0:
                 raise CompileError(f"{cxx} failed on {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
             os.replace(partial, target)  # atomic: a concurrent build of the same key only ever sees a whole file
