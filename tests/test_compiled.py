@@ -145,7 +145,7 @@ def test_build_caches_by_source_and_reports_compiler_errors(tmp_path, monkeypatc
         build()
 
 
-def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do():
+def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do(tmp_path):
     """L2M_COMPILED=0 stands for a machine where it cannot be built (the same code path)."""
     script = """
 import torch
@@ -156,16 +156,23 @@ torch.manual_seed(0)
 Mamba(MambaConfig(n_layer=1, d_model=16, backend="auto"))(torch.randn(1, 8, 16))  # the torch path runs
 try:
     Mamba(MambaConfig(n_layer=1, d_model=16, backend="compiled"))
-except RuntimeError as err:
+except ValueError as err:
     print(err)
 """
     env = {**os.environ, "L2M_COMPILED": "0"}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (
+    message = (
         "Mamba: backend='compiled' needs Mamba's compiled CPU loops, which are not available (L2M_COMPILED=0 "
         "turns it off): install a C++ compiler (g++), or set backend='torch' (or 'auto')"
     )
+    assert result.stdout.strip() == message
+    # through train.py: one line and exit status 1, no traceback
+    train = [sys.executable, "train.py", "model=tiny-mamba", "model.backend=compiled", "logger=none", "ckpt_path=null",
+             "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
 
 
 @pytest.mark.parametrize("d, l", [(20, 37), (16, 2)])  # a partial block of channels; fewer steps than the kernel

@@ -131,9 +131,10 @@ def compiled_available() -> bool:
 
 
 def require_compiled(who: str, backend: str) -> None:
-    """At construction: backend='compiled' where the loops cannot be built is a RuntimeError."""
+    """At construction: backend='compiled' where the loops cannot be built is a ValueError (bad input:
+    the entry points print it as one line)."""
     if backend == "compiled" and not compiled_available():
-        raise RuntimeError(
+        raise ValueError(
             f"{who}: backend='compiled' needs Mamba's compiled CPU loops, which are not available ({_load()[1]}): "
             "install a C++ compiler (g++), or set backend='torch' (or 'auto')"
         )
