@@ -114,8 +114,9 @@ struct Block {
       for (int64_t i = 0; i < s.n; ++i) out[((batch * s.d) + c0 + w) * s.n + i] = h[i * W + w];
   }
 
-  // Steps t0..t1-1 from state h (n x W, updated in place). Writes y where given, and each step's
-  // state and decays (n x W per step, from t0) where given.
+  // Steps t0..t1-1 from state h (n x W, updated in place). Writes either y (the forward pass) or,
+  // for the backward's recomputation, each step's state and decays (n x W per step, from t0): with
+  // decays given, y is not computed.
   void run(int64_t t0, int64_t t1, T* h, T* y, T* states, T* decays) const {
     const int64_t n = s.n;
     alignas(64) T u[W], dt[W], out[W];
