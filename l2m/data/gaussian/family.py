@@ -285,7 +285,8 @@ class GaussianFamily:
     def linear_state_bound(self, d: int, split: int | None = None) -> float:
         """Least expected KL, summed over positions split+1..L and over copies (default split L/2),
         of any predictor whose only access to X = z_1..z_split is a d-dimensional linear function of
-        X: I_BP(split; L) minus the d largest −½ log(1 − ρ²) of all copies' spectra together.
+        X: the sum of all copies' −½ log(1 − ρ²) but the d largest (I_BP(split; L) less what d
+        scalars can carry).
 
         The exact Gaussian form of the L²M capacity bound for a state of d scalars. A nonlinear
         state (Mamba's is linear in its inputs only given its input-dependent gates) is not strictly
@@ -293,8 +294,10 @@ class GaussianFamily:
         """
         check_int("d", d, 0)
         per_direction = -0.5 * torch.log1p(-self.canonical_correlations(split) ** 2)  # descending
-        carried = per_direction.repeat_interleave(self.copies)[:d].sum()  # every copy has the spectrum
-        return max(float(self.copies * per_direction.sum() - carried), 0.0)  # rounding aside, ≥ 0
+        # The sum of the terms not carried, not I_BP less those carried: no cancellation, so a state
+        # that carries every direction gets exactly 0 (an empty sum) on any BLAS.
+        not_carried = per_direction.repeat_interleave(self.copies)[d:]  # every copy has the spectrum
+        return float(not_carried.flip(0).sum())  # smallest first; every term is ≥ 0
 
     def conditional_entropy(self) -> torch.Tensor:
         """(L,) float64: H(Z_i | Z_<i) = ½ log(2πe σ_i²) summed over copies — the NLL floor."""
