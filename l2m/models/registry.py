@@ -1,15 +1,19 @@
-"""One registry of architectures: `arch` string -> (typed config, module).
+"""One registry of architectures: `arch` -> (typed config, module).
 
     model = build_model({"arch": "mamba", "n_layer": 2, "d_model": 64}, io={"kind": "gaussian", "dim": 64})
 
-A config that subclasses `MixerConfig` names a mixer, which `MixerStack` stacks n_layer times;
-any other config names a whole backbone built as `module(config)`. A new architecture is one
-module (with its config) plus one `register_architecture` call, and a YAML preset in conf/model/.
+`arch` is a registered name (gpt, mamba, mamba2) or the import path of a module class that names
+its typed config in `config_class` (`arch: my_package.mixers.MyMixer`, as zoology names mixers and
+Hydra names `_target_`s): such an architecture trains, evaluates, resumes and is scored from the
+command line in any process, since checkpoints record the path. A config that subclasses
+`MixerConfig` names a mixer, which `MixerStack` stacks n_layer times; any other config names a
+whole backbone built as `module(config)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,11 +46,35 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def register_architecture(arch: str, config: type[ModelConfig], module: type[nn.Module]) -> None:
-    """Make `arch` buildable by `build_model` and by `model.arch=<arch>` in the configs."""
+def _checked_config(arch: str, config: object) -> type[ModelConfig]:
     if not (isinstance(config, type) and issubclass(config, ModelConfig)):
         raise TypeError(f"config of architecture {arch!r} must be a ModelConfig subclass, got {config!r}")
-    ARCHITECTURES[arch] = Architecture(config, module)
+    return config
+
+
+def register_architecture(arch: str, config: type[ModelConfig], module: type[nn.Module]) -> None:
+    """Make `arch` buildable by `build_model` and by `model.arch=<arch>` in this process (an import
+    path as `arch` works in every process)."""
+    ARCHITECTURES[arch] = Architecture(_checked_config(arch, config), module)
+
+
+def architecture(arch: object) -> Architecture:
+    """The architecture `arch` names: a registered name, or `package.module.Class`, a module class
+    whose `config_class` is its ModelConfig subclass."""
+    if isinstance(arch, str) and arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    hint = (f"model arch must be one of {tuple(ARCHITECTURES)} or the import path of a module class with a "
+            f"config_class (package.module.MyMixer), got {arch!r}")
+    if not isinstance(arch, str) or "." not in arch:
+        raise ValueError(hint)
+    module_name, _, class_name = arch.rpartition(".")
+    try:
+        module = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{hint}: cannot import it ({error}); is its package installed or on PYTHONPATH?") from error
+    if not hasattr(module, "config_class"):
+        raise ValueError(f"{hint}: {arch} has no config_class, the ModelConfig subclass that holds its options")
+    return Architecture(_checked_config(arch, module.config_class), module)
 
 
 def model_config(cfg: Mapping | ModelConfig) -> ModelConfig:
@@ -54,9 +82,7 @@ def model_config(cfg: Mapping | ModelConfig) -> ModelConfig:
     if isinstance(cfg, ModelConfig):
         return cfg
     arch = cfg.get("arch")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
-    config = ARCHITECTURES[arch].config
+    config = architecture(arch).config
     allowed = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
@@ -81,6 +107,6 @@ def build_model(cfg: Mapping | ModelConfig, io: Mapping, max_seq_len: int | None
     if max_seq_len is not None and hasattr(config, "max_seq_len"):
         config = dataclasses.replace(config, max_seq_len=max_seq_len)
     encoder, decoder = build_io(io, config)
-    model = SequenceModel(encoder, ARCHITECTURES[config.arch].backbone(config), decoder, name=config.name)
+    model = SequenceModel(encoder, architecture(config.arch).backbone(config), decoder, name=config.name)
     model.io = dict(io)  # the token kind it reads and writes
     return model
