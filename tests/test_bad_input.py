@@ -60,8 +60,8 @@ TRAIN_CASES = {
     "empty ckpt_path": (["ckpt_path={root}/empty.ckpt"], "empty.ckpt is empty (0 bytes): not a checkpoint"),
     "truncated ckpt_path": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
     "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
-    "negative learning rate": (["optim.lr=-1"], "optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr=-1"),
-    "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    "negative learning rate": (["optim.lr=-1"], "optim (torch.optim.AdamW) refused its settings: Invalid learning rate: -1"),
+    "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim (torch.optim.AdamW) refused its settings: Invalid beta parameter at index 1: 1.5"),
     "init_from a model with fewer learned positions": (["data=gaussian", "data.levels=3",
                                                         "init_from={root}/run/checkpoints/last.ckpt"],
                                                        "has learned positions for 16 tokens, fewer than the data's "
@@ -273,7 +273,7 @@ def test_undecodable_text_and_binary_files_are_counted_and_named(tmp_path, caplo
 
 def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys):
     overrides = ["logger=none", "data.levels=2", "data.val_size=4", "data.epoch_size=10",
-                 "callbacks.checkpoint.every_n_train_steps=15", "optim.total_steps=30"]
+                 "callbacks.checkpoint.every_n_train_steps=15", "schedule.total_steps=30"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         train(compose("train", overrides=[*overrides, "trainer.max_steps=15"]), run_dir=tmp_path)
         first = capsys.readouterr().out  # Lightning's bars write to stdout

@@ -13,7 +13,8 @@ from l2m.data.gaussian_datamodule import GaussianDataModule
 from l2m.jobs.run import instantiate_data
 from l2m.models import build_model
 from l2m.models.adapters import gaussian_kl
-from l2m.training.module import L2MModule, warmup_cosine
+from l2m.training.module import L2MModule
+from l2m.training.schedules import warmup_cosine_multiplier
 
 
 def options(group: str) -> list[str]:
@@ -27,7 +28,7 @@ def test_default_config_is_the_main_job(compose_train):
     assert list(cfg.logger) == ["wandb"] and cfg.trainer.accelerator == "cpu"
 
 
-@pytest.mark.parametrize("group", ["model", "data", "trainer", "optim", "logger", "callbacks"])
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "optim", "schedule", "logger", "callbacks"])
 def test_every_option_of_every_group_composes(compose_train, group):
     for option in options(group):
         cfg = compose_train(f"{group}={option}")
@@ -74,7 +75,7 @@ def test_paper_gaussian_sweeps_cover_figure_3():
     assert {L for _, L in mamba} == {64, 256, 1024, 4096, 16384} and len(mamba) == 30
     assert {m for m, _ in grid("gaussian-mamba2")} == {"mamba2-130m", "mamba2-370m", "mamba2-790m"}
     cfg = sweep_jobs("gaussian-mamba")[0]  # spec §4 recipe
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (5e-5, 0.01, 2000)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule.warmup_steps) == (5e-5, 0.01, 2000)
     assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.data.batch_size) == (500_000, "32-true", 4)
 
 
@@ -103,7 +104,7 @@ def test_gaussian_length_must_be_a_power_of_four(compose_train):
 
 
 def test_warmup_then_cosine_schedule():
-    lr = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(120)]
+    lr = [warmup_cosine_multiplier(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(120)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
     assert lr[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert lr[110] == pytest.approx(0.1) and lr[119] == pytest.approx(0.1)  # floor after the end
@@ -122,4 +123,4 @@ def test_module_rejects_unknown_token_kind():
     with pytest.raises(ValueError, match="'kind' in .*discrete.*gaussian.*'audio'"):
         L2MModule(model={"name": "t", "arch": "gpt", "n_layer": 1, "d_model": 8, "n_head": 2},
                   io={"kind": "audio", "dim": 4}, seq_len=16, optim={})
-    assert math.isfinite(warmup_cosine(0, 0, 1, 0.0))
+    assert math.isfinite(warmup_cosine_multiplier(0, 0, 1, 0.0))

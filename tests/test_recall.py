@@ -129,6 +129,6 @@ def test_the_recall_gpt_leaves_the_plateau_that_gpt2_init_stays_on(tmp_path, mod
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[
             "experiment=recall-cpu", f"model={model}", "data.num_pairs=4", "data.val_size=128", "trainer.max_steps=500",
-            "optim.warmup_steps=100", "logger=none", "~callbacks.checkpoint", "+trainer.enable_progress_bar=false"])
+            "schedule.warmup_steps=100", "logger=none", "~callbacks.checkpoint", "+trainer.enable_progress_bar=false"])
     summary = train(cfg, run_dir=tmp_path)
     assert low <= summary["answer_accuracy"] <= high, summary["answer_accuracy"]

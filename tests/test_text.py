@@ -328,7 +328,7 @@ def _train(tmp_path: Path, run: str, *overrides: str) -> dict:
     conf = Path(__file__).parents[1] / "conf"
     small = [
         "experiment=text-tiny", "logger=csv", f"data.source={CORPUS}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.seq_len=48", "data.val_size=16", "data.progress=false", "optim.warmup_steps=2", "optim.lr=3e-3",
+        "data.seq_len=48", "data.val_size=16", "data.progress=false", "schedule.warmup_steps=2", "optim.lr=3e-3",
     ]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[*small, *overrides])
@@ -347,7 +347,7 @@ def _check_positionwise(run_dir: Path, summary: dict) -> None:
 
 
 def test_tiny_gpt_trains_on_text_and_resumes_exactly(tmp_path):
-    common = ["model=tiny-gpt", "trainer.max_steps=10", "optim.total_steps=10", "callbacks.checkpoint.every_n_train_steps=5"]
+    common = ["model=tiny-gpt", "trainer.max_steps=10", "schedule.total_steps=10", "callbacks.checkpoint.every_n_train_steps=5"]
     summary = _train(tmp_path, "straight", *common)
     _check_positionwise(tmp_path / "straight", summary)
     # 5 steps, then 5 more from the checkpoint: the same data stream, the same weights

@@ -121,10 +121,10 @@ def test_evaluate_rejects_data_options_the_checkpoint_data_does_not_take(main_ru
 
 
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(compose_train, tmp_path):
-    common = [*FAST, "data.levels=2", "optim.warmup_steps=3", "callbacks.checkpoint.every_n_train_steps=100"]
+    common = [*FAST, "data.levels=2", "schedule.warmup_steps=3", "callbacks.checkpoint.every_n_train_steps=100"]
     train(compose_train(*common, "trainer.max_steps=12"), run_dir=tmp_path / "full")
     # the first half stops at 6 steps of the same 12-step LR schedule
-    train(compose_train(*common, "trainer.max_steps=6", "optim.total_steps=12"), run_dir=tmp_path / "half")
+    train(compose_train(*common, "trainer.max_steps=6", "schedule.total_steps=12"), run_dir=tmp_path / "half")
     half = tmp_path / "half" / "checkpoints" / "last.ckpt"
     train(compose_train(*common, "trainer.max_steps=12", f"ckpt_path={half}"), run_dir=tmp_path / "resumed")
 

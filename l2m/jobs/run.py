@@ -34,6 +34,7 @@ from l2m.data.contract import L2MData, check_data
 from l2m.data.text.hub import looks_like_local_path
 from l2m.evaluation import analyse_state
 from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ uses)
+from l2m.jobs import schemas  # noqa: F401  (stores the schemas conf/ inherits, before Hydra composes it)
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.jobs.resume import (AUTO, PATH_KEYS, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path,
@@ -181,6 +182,7 @@ def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
         io=datamodule.io_config(),
         seq_len=datamodule.seq_len,
         optim=_plain(cfg.optim),
+        schedule=_plain(cfg.get("schedule")),
         compile=cfg.compile,
         data=data,
     )
@@ -231,15 +233,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     for logger in loggers:
         logger.log_hyperparams(_plain(cfg))
     with ddp_job(), expected_warnings_silenced():
-        trainer = L.Trainer(
-            **_plain(cfg.trainer),
+        trainer = instantiate(
+            cfg.trainer,
             logger=loggers or False,
-            callbacks=[*configured, *callbacks, *([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else [])],
+            callbacks=[*configured, *callbacks, *([StepProgressBar()] if cfg.trainer.get("enable_progress_bar") is not False else [])],
             # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
             plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
             default_root_dir=run_dir,
             limit_val_batches=0,  # held-out evaluation is the PositionwiseCallback's
             num_sanity_val_steps=0,
+            _convert_="all",
         )
         try:
             announce_offline(loggers)

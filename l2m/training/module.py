@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
+from l2m.checks import BAD_INPUT
 from l2m.models import build_model
-
 
 # Where a checkpoint keeps the optimizer and schedule settings it was trained with.
 SCHEDULE_KEY = "l2m_schedule"
+# The optimizer and schedule of checkpoints written before they were configured by _target_.
+ADAMW = "torch.optim.AdamW"
+WARMUP_COSINE = "l2m.training.schedules.warmup_cosine"
+SCHEDULE_ARGUMENTS = ("warmup_steps", "total_steps", "min_lr_ratio")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped before the bad update."""
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def split_legacy_optim(optim: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(optimizer, schedule) configs of an optim config without `_target_` (l2m before conf/schedule):
+    AdamW's settings and the warmup-cosine schedule's, side by side in one mapping."""
+    optimizer = {"_target_": ADAMW, "_partial_": True, **{k: v for k, v in optim.items() if k not in SCHEDULE_ARGUMENTS}}
+    schedule = {"_target_": WARMUP_COSINE, "_partial_": True, **{k: optim[k] for k in SCHEDULE_ARGUMENTS if k in optim}}
+    return optimizer, schedule
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters, nor, as in
+    mamba-ssm, on parameters tagged `_no_weight_decay` (Mamba's A_log is 2-d). The decayed group first."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
+    return [
+        {"params": [p for p, d in zip(params, decay) if d], "weight_decay": weight_decay},
+        {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
+    ]
+
+
+def _instantiate(group: str, config: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """instantiate(config)(*args, **kwargs), a refused setting as one line naming the group. A
+    partial whether or not the config says so: the objects it is called with exist only here."""
+    target = config.get("_target_")
+    try:
+        return instantiate({**config, "_partial_": True})(*args, **kwargs)
+    except InstantiationException as error:
+        raise ValueError(f"{group} ({target}) cannot be built: {error.__cause__ or error}") from error
+    except BAD_INPUT as error:
+        raise type(error)(f"{group} ({target}) refused its settings: {error}") from error
 
 
 class L2MModule(L.LightningModule):
@@ -42,8 +69,10 @@ class L2MModule(L.LightningModule):
         model: model config for `l2m.models.build_model` (name, arch, n_layer, d_model, ...).
         io: the data's I/O adapter config, `datamodule.io_config()`.
         seq_len: context length L (the number of predicted positions).
-        optim: lr, weight_decay, betas, eps, warmup_steps, total_steps (None: trainer.max_steps),
-            min_lr_ratio.
+        optim: the optimizer, a partial taking the parameter groups (conf/optim: `_target_`,
+            `_partial_: true`, its settings; weight_decay applies to the decayed group only).
+        schedule: the LR schedule, a partial taking the optimizer (conf/schedule); a null
+            total_steps is trainer.max_steps. None: a constant rate.
         compile: compile the model's forward with torch.compile.
         data: the data config it was trained on, kept in the checkpoint so that evaluation can
             rebuild the held-out set.
@@ -57,6 +86,7 @@ class L2MModule(L.LightningModule):
         optim: dict,
         compile: bool = False,
         data: dict | None = None,
+        schedule: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -87,65 +117,63 @@ class L2MModule(L.LightningModule):
                 "and resume from the last good checkpoint with ckpt_path=..."
             )
 
+    def optimizer_configs(self) -> tuple[dict, dict]:
+        """(optimizer, schedule) configs of this run, the schedule's null total_steps set to
+        trainer.max_steps."""
+        if "_target_" in self.hparams.optim:
+            optimizer, schedule = dict(self.hparams.optim), dict(self.hparams.schedule or {})
+        else:
+            optimizer, schedule = split_legacy_optim(self.hparams.optim)
+        if "total_steps" in schedule and schedule["total_steps"] is None:
+            schedule["total_steps"] = self.trainer.max_steps if self.trainer.max_steps >= 0 else None
+        return optimizer, schedule
+
     def optimizer_settings(self) -> dict[str, Any]:
-        """The optimizer and LR-schedule settings this run trains with (total_steps resolved)."""
-        cfg = self.hparams.optim
-        total = cfg.get("total_steps") or self.trainer.max_steps
-        if total is None or total <= 0:
-            raise ValueError("the LR schedule needs a length: set trainer.max_steps or optim.total_steps")
-        if cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
-            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
-        if not cfg["lr"] > 0 or not cfg["eps"] > 0 or cfg["weight_decay"] < 0:
-            raise ValueError(f"optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr={cfg['lr']}, "
-                             f"eps={cfg['eps']}, weight_decay={cfg['weight_decay']}")
-        if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(cfg['betas'])}")
-        return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": list(cfg["betas"]), "eps": cfg["eps"],
-                "warmup_steps": cfg["warmup_steps"], "total_steps": total, "min_lr_ratio": cfg["min_lr_ratio"]}
+        """The optimizer's and schedule's settings, flat (as checkpoints record them)."""
+        optimizer, schedule = self.optimizer_configs()
+        settings = {**optimizer, **schedule, "optimizer": optimizer["_target_"], "schedule": schedule.get("_target_")}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if not k.startswith("_")}
 
     def configure_optimizers(self) -> dict:
-        settings = self.optimizer_settings()
-        # Like GPT-2 / nanoGPT: no weight decay on biases, norms and other 1-d parameters, nor, as
-        # in mamba-ssm, on parameters tagged `_no_weight_decay` (Mamba's A_log is 2-d).
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
-        groups = [
-            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": settings["weight_decay"]},
-            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"])
-        scheduler = LambdaLR(optimizer, self._lr_multiplier(settings))
+        optimizer_config, schedule_config = self.optimizer_configs()
+        weight_decay = optimizer_config.pop("weight_decay", 0.0)
+        optimizer = _instantiate("optim", optimizer_config, parameter_groups(self, weight_decay))
+        if not schedule_config:
+            return {"optimizer": optimizer}
+        scheduler = _instantiate("schedule", schedule_config, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @staticmethod
-    def _lr_multiplier(settings: Mapping[str, Any]) -> partial:
-        return partial(warmup_cosine, warmup_steps=settings["warmup_steps"], total_steps=settings["total_steps"],
-                       min_lr_ratio=settings["min_lr_ratio"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[SCHEDULE_KEY] = self.optimizer_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run trains with this run's optimizer and schedule settings: the optimizer and
-        scheduler states Lightning restores next would otherwise bring back the old learning rate.
-        Rebuilt at the resumed step, the rate is the scheduler's own where nothing changed."""
+        scheduler states Lightning restores next would otherwise bring back the old ones. Rebuilt at
+        the resumed step, the rate is the scheduler's own where nothing changed."""
         if "optimizer_states" not in checkpoint:
             return  # weights only
         settings = self.optimizer_settings()
-        # older checkpoints recorded only their optim config, whose length may be unresolved (None)
+        # older checkpoints recorded only their optim config (AdamW and warmup-cosine settings side by side)
         saved = checkpoint.get(SCHEDULE_KEY) or dict(checkpoint.get("hyper_parameters", {}).get("optim") or {})
+        saved = {"optimizer": ADAMW, "schedule": WARMUP_COSINE, **saved}
+        if saved["optimizer"] != settings["optimizer"]:
+            raise ValueError(f"cannot resume: the checkpoint trained with optim {saved['optimizer']}, this run asks for "
+                             f"{settings['optimizer']}, whose state it does not hold. Resume with optim set as it "
+                             "was, or start a new run (ckpt_path=null in a new run directory)")
         changed = {k: (saved[k], v) for k, v in settings.items() if saved.get(k) is not None and saved[k] != v}
         step = checkpoint["global_step"]
-        lr = settings["lr"] * self._lr_multiplier(settings)(step)
+        configured = self.configure_optimizers()  # on this run's settings, at step 0
+        groups, scheduler = configured["optimizer"].param_groups, configured.get("lr_scheduler", {}).get("scheduler")
+        if isinstance(scheduler, LambdaLR):  # l2m's schedules: rebuilt at the resumed step
+            for group, multiplier in zip(groups, scheduler.lr_lambdas):
+                group["lr"] = group["initial_lr"] * multiplier(step)
+            for state in checkpoint["lr_schedulers"]:
+                state["base_lrs"] = [group["initial_lr"] for group in groups]
+                state["_last_lr"] = [group["lr"] for group in groups]
         for state in checkpoint["optimizer_states"]:
-            decay_group, *others = state["param_groups"]  # as configure_optimizers builds them
-            for group in (decay_group, *others):
-                group.update(lr=lr, initial_lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"])
-            decay_group["weight_decay"] = settings["weight_decay"]
-        for scheduler in checkpoint["lr_schedulers"]:
-            scheduler["base_lrs"] = [settings["lr"]] * len(scheduler["base_lrs"])
-            scheduler["_last_lr"] = [lr] * len(scheduler["base_lrs"])
+            for saved_group, group in zip(state["param_groups"], groups):  # as parameter_groups builds them
+                saved_group.update({k: v for k, v in group.items() if k != "params"})
         if changed:
-            names = {"total_steps": "total_steps (optim.total_steps, else trainer.max_steps)"}
+            names = {"total_steps": "total_steps (schedule.total_steps, else trainer.max_steps)"}
             rank_zero_info(f"resuming at step {step} with new optimizer settings, the LR schedule rebuilt on them: "
                            + ", ".join(f"{names.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items()))
