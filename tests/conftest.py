@@ -33,6 +33,15 @@ def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess
     )
 
 
+def model_preset(name: str) -> dict:
+    """conf/model/<name>.yaml as train.py composes it: its schema's defaults under the preset's values."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)
+
+
 @pytest.fixture
 def compose_train():
     """compose_train(*overrides) -> the composed train config (Hydra's compose API)."""

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 from torch.utils._pytree import tree_leaves
 
@@ -91,7 +90,9 @@ def test_history_state_size_is_the_real_state_numel(arch, io_kind):
 # --- presets ---------------------------------------------------------------------------------
 
 def preset(name):
-    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    from conftest import model_preset
+
+    return model_preset(name)
 
 
 def meta_model(name, vocab):
@@ -123,8 +124,7 @@ def test_parameter_counts_of_paper_presets():
 
 def test_tiny_presets_build_and_run_from_omegaconf():
     for name in ("tiny-gpt", "tiny-mamba", "tiny-mamba2"):
-        cfg = OmegaConf.load(PRESETS / f"{name}.yaml")
-        model = build_model(cfg, IOS["gaussian"], max_seq_len=64)
+        model = build_model(OmegaConf.create(preset(name)), IOS["gaussian"], max_seq_len=64)
         mean, std = model(torch.randn(2, 64, 5))
         assert mean.shape == (2, 64, 5) and model.name == name
 
@@ -195,13 +195,11 @@ def test_bad_inputs_errors():
         gauss.history_state_size(-1)
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt", "tiny-mamba", "tiny-mamba2"])
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset):
+@pytest.mark.parametrize("preset_name", ["tiny-gpt", "tiny-mamba", "tiny-mamba2"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset_name):
     """model.checkpointing=true recomputes each block in the backward pass: loss and every gradient are
     bit-identical (float64; GPT with dropout, whose draws the recomputation replays)."""
-    from conftest import CONF
-
-    config = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())
+    config = preset(preset_name)
     config.update({"dropout": 0.1} if config["arch"] == "gpt" else {"backend": "torch"})
     generator = torch.Generator().manual_seed(1)
     batch = {"x": torch.randn(2, 33, 8, generator=generator, dtype=torch.float64),
@@ -222,17 +220,15 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset):
         assert torch.equal(grads_checkpointed[name], grad), name
 
 
-@pytest.mark.parametrize("preset, seq_len", [("tiny-gpt", 256), ("tiny-mamba2", 128), ("mamba-130m", 32)])
-def test_flops_per_token_formulas_agree_with_torchs_flop_counter(preset, seq_len):
+@pytest.mark.parametrize("preset_name, seq_len", [("tiny-gpt", 256), ("tiny-mamba2", 128), ("mamba-130m", 32)])
+def test_flops_per_token_formulas_agree_with_torchs_flop_counter(preset_name, seq_len):
     """flops_per_token against the FLOPs torch counts in one forward pass (attention by the math kernel,
     which the counter sees): within 10%. The counter sees no elementwise work, so Mamba is checked at
     a size where its selective scan (9 d_inner d_state per token) is a few percent of the total."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from conftest import CONF
-
-    config = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())
+    config = preset(preset_name)
     if config["arch"] != "gpt":
         config["backend"] = "torch"
     model = build_model(config, {"kind": "discrete", "vocab_size": 256}, max_seq_len=seq_len).eval()
