@@ -8,17 +8,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class UserError(ValueError):
+    """A user's mistake (a config value, option, path, dataset, checkpoint), with a message that says
+    what to do: every l2m command prints it as one line and exits with status 1. A ValueError, so
+    that library callers catch it as one; other ValueErrors (a bug's: a tensor of the wrong shape
+    passed between l2m's own functions) keep their traceback."""
+
+
 def is_int(value: object) -> bool:
     """True for an int; bools are rejected (True is not a length)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_int(name: str, value: object, low: int = 1, high: int | None = None, what: str = "an int") -> int:
-    """`value` if it is an int in low..high (high None: no upper bound), else a ValueError naming it,
+    """`value` if it is an int in low..high (high None: no upper bound), else a UserError naming it,
     e.g. "d_state must be an int >= 1, got 0" or "i must be a 1-based position in 1..16, got 17"."""
     if not is_int(value) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {what} {bound}, got {value!r}")
+        raise UserError(f"{name} must be {what} {bound}, got {value!r}")
     return value
 
 
@@ -29,22 +36,22 @@ def check_ints(**bounds: tuple[object, int]) -> None:
 
 
 def check_device(option: str, device: str) -> str:
-    """`device` if torch can use it here, else a ValueError naming the option, e.g. device=cuda on a
+    """`device` if torch can use it here, else a UserError naming the option, e.g. device=cuda on a
     machine without CUDA."""
     import torch
 
     try:
         kind = torch.device(device).type
     except RuntimeError as error:
-        raise ValueError(f"{option}={device!r} is not a device: use cpu, cuda or cuda:<index>") from error
+        raise UserError(f"{option}={device!r} is not a device: use cpu, cuda or cuda:<index>") from error
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}={device}, but torch sees no CUDA device here: use {option}=cpu")
+        raise UserError(f"{option}={device}, but torch sees no CUDA device here: use {option}=cpu")
     return device
 
 
 # Bad input: what every l2m command reports in one line. ConnectionError: a hub dataset or model that
 # cannot be reached; ImportError: an optional package a chosen option needs.
-BAD_INPUT = (ValueError, FileNotFoundError, ImportError, ConnectionError)
+BAD_INPUT = (UserError, FileNotFoundError, ImportError, ConnectionError)
 
 
 @contextmanager

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from l2m.checks import UserError
+
 
 @dataclass
 class Positionwise:
@@ -72,7 +74,7 @@ def evaluate_positionwise(
 
     device = next(model.parameters()).device
     if count is None:
-        raise ValueError("evaluate_positionwise got no batches; check the held-out set size (data.val_size)")
+        raise UserError("evaluate_positionwise got no batches; check the held-out set size (data.val_size)")
     names = sorted(sums)
     rows = [sums[name] for name in names] + [torch.full_like(sums[names[0]], count)]
     rows += [torch.full_like(sums[names[0]], float(squares[name])) for name in names]

@@ -11,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from l2m.checks import UserError
+
 
 @runtime_checkable
 class L2MData(Protocol):
@@ -48,7 +50,7 @@ def check_data(datamodule: object) -> L2MData:
     """`datamodule` if it implements L2MData, else a ValueError naming what it lacks."""
     missing = [name for name in ("task", "seq_len", *_METHODS) if not hasattr(datamodule, name)]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{type(datamodule).__qualname__} is not an l2m data module: it lacks {missing} "
             "(see l2m.data.contract.L2MData)"
         )

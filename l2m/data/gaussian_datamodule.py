@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 
+from l2m.checks import UserError
 from l2m.data.gaussian import GaussianFamily, levels_of_length
 from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
@@ -73,7 +74,7 @@ class GaussianDataModule(DrawnDataModule):
         if seq_len is not None:
             length_levels = levels_of_length(seq_len)
             if levels is not None and levels != length_levels:
-                raise ValueError(f"seq_len={seq_len} (levels={length_levels}) and levels={levels} (L = {4**levels}) "
+                raise UserError(f"seq_len={seq_len} (levels={length_levels}) and levels={levels} (L = {4**levels}) "
                                  "disagree: give one of them")
             levels = length_levels
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from l2m.checks import check_int
+from l2m.checks import UserError, check_int
 
 
 def _suffix_entropy(visible: int, hidden: int, num_keys: int, num_values: int, queries: int,
@@ -72,7 +72,7 @@ class AssociativeRecall:
         check_int("num_pairs", num_pairs)
         check_int("num_keys", num_keys)
         if num_keys < num_pairs:
-            raise ValueError(f"num_keys={num_keys} is less than num_pairs={num_pairs}: the keys of a sequence are "
+            raise UserError(f"num_keys={num_keys} is less than num_pairs={num_pairs}: the keys of a sequence are "
                              f"distinct, so raise num_keys to at least {num_pairs} or lower num_pairs")
         check_int("num_values", num_values, 2, what="an int (one value would leave nothing to recall)")
         check_int("num_queries", num_queries)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from l2m.checks import check_ints
+from l2m.checks import UserError, check_ints
 
 
 def keyed_generator(*key: int) -> torch.Generator:
@@ -43,7 +43,7 @@ def worker_share() -> tuple[int, int]:
 def rank_share(items: Sequence, rank: int, world_size: int) -> Sequence:
     """Items rank, rank + world_size, ...: disjoint across ranks, together all of them."""
     if len(items) < world_size:
-        raise ValueError(f"val_size ({len(items)}) must be >= the number of DDP ranks ({world_size})")
+        raise UserError(f"val_size ({len(items)}) must be >= the number of DDP ranks ({world_size})")
     return items[rank::world_size]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from l2m.checks import one_line_errors
 from l2m.models import load_checkpoint
 from l2m.models.hf import to_hf
 
@@ -15,11 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ckpt", help="an l2m checkpoint, e.g. <run dir>/checkpoints/last.ckpt")
     parser.add_argument("out_dir", help="the folder to write (config.json, model.safetensors)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(path_hint="check the checkpoint's path, or choose an OUT_DIR you can write to"):
         out = to_hf(load_checkpoint(args.ckpt).model, args.out_dir)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from l2m.checks import UserError
+
 
 # hydra/launcher options whose sweeps get stable directories (and so resume where they stopped).
 CLUSTER_LAUNCHERS = ("slurm", "local")
@@ -55,7 +57,7 @@ def devices_per_node(accelerator: str, devices: Any) -> int:
     """trainer.devices as a count: SLURM runs one task per device and must know how many."""
     if isinstance(devices, int) and devices > 0:
         return devices
-    raise ValueError(f"trainer.devices={devices!r}: the cluster launchers need the number of devices per node "
+    raise UserError(f"trainer.devices={devices!r}: the cluster launchers need the number of devices per node "
                      f"(one process each), e.g. trainer.devices=8 ({accelerator})")
 
 
@@ -108,10 +110,10 @@ def check_slurm_layout(trainer: Any) -> None:
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
     tasks = int(os.environ.get("SLURM_NTASKS", nodes)) // nodes
     if trainer.get("num_nodes", 1) != nodes:
-        raise ValueError(f"trainer.num_nodes={trainer.get('num_nodes', 1)}, but this SLURM job has {nodes} node(s): "
+        raise UserError(f"trainer.num_nodes={trainer.get('num_nodes', 1)}, but this SLURM job has {nodes} node(s): "
                          f"set trainer.num_nodes={nodes} (hydra/launcher=slurm takes its nodes from trainer.num_nodes)")
     devices = trainer.get("devices", 1)
     if isinstance(devices, int) and devices > 0 and devices != tasks:
-        raise ValueError(f"trainer.devices={devices}, but this SLURM job runs {tasks} task(s) per node: Lightning runs "
+        raise UserError(f"trainer.devices={devices}, but this SLURM job runs {tasks} task(s) per node: Lightning runs "
                          f"one task per device, so submit it with --ntasks-per-node={devices} (hydra/launcher=slurm "
                          f"does) or set trainer.devices={tasks}")

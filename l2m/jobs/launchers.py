@@ -22,6 +22,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
+from l2m.checks import UserError
+
 try:
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
@@ -132,7 +134,7 @@ class LocalLauncher(_SweepLauncher):
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = [int(i) for i in visible.split(",") if i.strip()] if visible else list(range(torch.cuda.device_count()))
             if len(ids) < gpus:
-                raise ValueError(f"hydra.launcher.gpus_per_job={gpus}, but this machine shows {len(ids)} GPU(s)")
+                raise UserError(f"hydra.launcher.gpus_per_job={gpus}, but this machine shows {len(ids)} GPU(s)")
             slots = [tuple(ids[i:i + gpus]) for i in range(0, len(ids) - gpus + 1, gpus)]
         else:
             slots = [()] * max(1, (os.cpu_count() or 1) // max(1, int(self.params.get("threads") or 1)))

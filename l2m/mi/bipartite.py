@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from l2m.checks import UserError
 from l2m.mi.fit import fit_power_law
 from l2m.mi.scorers import Scorer
 
@@ -137,18 +138,18 @@ def bipartite_mi(
     if samples.ndim != 2 or samples.shape[0] < 2:
         raise ValueError(f"samples must be (N, T) token ids with N ≥ 2, got shape {tuple(samples.shape)}")
     if not ratios or any(int(r) != r or r < 2 for r in ratios):
-        raise ValueError(f"ratios L/ℓ must be integers ≥ 2, got {ratios}")
+        raise UserError(f"ratios L/ℓ must be integers ≥ 2, got {ratios}")
     n, length = samples.shape
     splits = default_splits(length, min(ratios)) if splits is None else sorted(set(splits))
     if not splits or min(splits) < 2:
-        raise ValueError(f"splits must be integers ≥ 2 (Y needs two tokens); samples of {length} tokens allow ℓ ≤ {length // 2}")
+        raise UserError(f"splits must be integers ≥ 2 (Y needs two tokens); samples of {length} tokens allow ℓ ≤ {length // 2}")
     wanted = [(ell, r * ell) for ell in splits for r in sorted(ratios)]
     kept = [(ell, seq) for ell, seq in wanted if seq <= length]
     dropped = [(ell, seq) for ell, seq in wanted if seq > length]
     if dropped:
         warnings.warn(f"samples have {length} tokens: dropped {len(dropped)} of {len(wanted)} splits (ℓ, L) = {dropped}")
     if not kept:
-        raise ValueError(f"samples of {length} tokens are shorter than every split L = rℓ requested ({wanted})")
+        raise UserError(f"samples of {length} tokens are shorter than every split L = rℓ requested ({wanted})")
 
     passes_before, tokens_before, seconds_before = scorer.sequences, scorer.tokens, scorer.seconds
     max_len = max(seq for _, seq in kept)

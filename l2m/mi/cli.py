@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from l2m.checks import check_device, one_line_errors
+from l2m.checks import UserError, check_device, one_line_errors
 from l2m.mi.bipartite import bipartite_mi
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy
@@ -87,12 +87,12 @@ def build_scorer(args):
     elif Path(args.scorer).is_dir():
         last = Path(args.scorer) / "checkpoints" / "last.ckpt"
         hint = f": --scorer {last}" if last.is_file() else ""
-        raise ValueError(f"--scorer {args.scorer} is a folder; give a checkpoint file{hint}")
+        raise UserError(f"--scorer {args.scorer} is a folder; give a checkpoint file{hint}")
     elif args.scorer.endswith(".ckpt"):
         scorer = load_checkpoint_scorer(args.scorer, args.tokenizer, args.device, args.batch_size)
         tokenizer = scorer.tokenizer
     else:
-        raise ValueError(f"--scorer must be a .ckpt file, hf:<model> or exact:<markov|mixture>, got {args.scorer!r}")
+        raise UserError(f"--scorer must be a .ckpt file, hf:<model> or exact:<markov|mixture>, got {args.scorer!r}")
     check_tokenizer(tokenizer, scorer)
     return scorer, tokenizer, None
 
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--out {out}: cannot create it ({error.strerror}); choose a folder you can write to") from error
+        raise UserError(f"--out {out}: cannot create it ({error.strerror}); choose a folder you can write to") from error
     generator = torch.Generator().manual_seed(args.seed)
     seq_len = args.seq_len or max(args.ratios) * args.max_split
     splits = [2**k for k in range(1, int(np.log2(args.max_split)) + 1)]

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from l2m.checks import UserError
+
 
 def _merge_sorted(keys, counts, new_keys, new_counts):
     """Add (new_keys, new_counts) (sorted, unique) into the sorted table (keys, counts)."""
@@ -46,16 +48,16 @@ class PairCounter:
         block_tokens: int = 1 << 16,
     ):
         if vocab_size < 1:
-            raise ValueError(f"vocab_size must be ≥ 1, got {vocab_size}")
+            raise UserError(f"vocab_size must be ≥ 1, got {vocab_size}")
         if groups < 1 or block_tokens < 1:
-            raise ValueError(f"groups and block_tokens must be ≥ 1, got {groups} and {block_tokens}")
+            raise UserError(f"groups and block_tokens must be ≥ 1, got {groups} and {block_tokens}")
         if (vocab_size**2) * groups >= 2**63:
-            raise ValueError(f"vocab_size {vocab_size} with {groups} groups overflows the int64 pair keys")
+            raise UserError(f"vocab_size {vocab_size} with {groups} groups overflows the int64 pair keys")
         self.distances = sorted({int(d) for d in distances})
         if not self.distances or self.distances[0] < 1:
-            raise ValueError(f"distances must be positive integers, got {list(distances)}")
+            raise UserError(f"distances must be positive integers, got {list(distances)}")
         if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be ≥ 1, got {chunk_tokens}")
+            raise UserError(f"chunk_tokens must be ≥ 1, got {chunk_tokens}")
         self.vocab_size = int(vocab_size)
         self.chunk_tokens = int(chunk_tokens)
         self.groups, self.block_tokens = int(groups), int(block_tokens)
@@ -72,7 +74,7 @@ class PairCounter:
         """Count one document's token ids (1-D)."""
         ids = np.asarray(tokens, dtype=np.int64).ravel()
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+            raise UserError(f"token ids must lie in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
         self.unigrams += np.bincount(ids, minlength=self.vocab_size)
         group = (self.n_blocks + np.arange(ids.size) // self.block_tokens) % self.groups  # of each position
         self.n_tokens += ids.size
@@ -98,7 +100,7 @@ class PairCounter:
     def group_pairs(self, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pair keys a·V + b at distance d, their groups and counts, sorted by (key, group)."""
         if d not in self._tables:
-            raise ValueError(f"distance {d} was not counted; counted distances: {self.distances}")
+            raise UserError(f"distance {d} was not counted; counted distances: {self.distances}")
         self.flush()
         grouped, counts = self._tables[d]
         return grouped // self.groups, grouped % self.groups, counts

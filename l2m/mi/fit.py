@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from l2m.checks import UserError
+
 
 @dataclass(frozen=True)
 class PowerLawFit:
@@ -28,11 +30,11 @@ def positive_points(x, y, min_points: int, fit: str, names: tuple[str, str] = ("
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same length, got {x.size} and {y.size}")
+        raise UserError(f"{names[0]} and {names[1]} must have the same length, got {x.size} and {y.size}")
     if x.size < min_points:
-        raise ValueError(f"{fit} needs at least {min_points} points, got {x.size}")
+        raise UserError(f"{fit} needs at least {min_points} points, got {x.size}")
     if np.any(x <= 0) or np.any(y <= 0) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError(f"{fit} needs finite, strictly positive {names[0]} and {names[1]}")
+        raise UserError(f"{fit} needs finite, strictly positive {names[0]} and {names[1]}")
     return x, y
 
 
@@ -56,7 +58,7 @@ def fit_power_law(x, y, y_stderr=None) -> PowerLawFit:
         return PowerLawFit(exponent=float(beta), prefactor=float(np.exp(log_a)), exponent_stderr=beta_err)
     sigma = np.asarray(y_stderr, dtype=np.float64).ravel() / y
     if sigma.shape != y.shape or not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
-        raise ValueError(f"y_stderr must hold one finite, positive standard error per point, got {y_stderr}")
+        raise UserError(f"y_stderr must hold one finite, positive standard error per point, got {y_stderr}")
     weights = 1.0 / sigma**2
     normal = design.T @ (design * weights[:, None])
     log_a, beta = np.linalg.solve(normal, design.T @ (weights * ly))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from l2m.checks import UserError
+
 
 class Scorer:
     """Base class: validation, batching and pass counting around `_score`."""
@@ -24,7 +26,7 @@ class Scorer:
 
     def __init__(self, batch_size: int = 8):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+            raise UserError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = batch_size
         self.sequences = 0
         self.tokens = 0
@@ -33,11 +35,11 @@ class Scorer:
     def __call__(self, tokens) -> torch.Tensor:
         tokens = torch.as_tensor(tokens)
         if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.dtype.is_floating_point:
-            raise ValueError(f"tokens must be a (B, T) integer tensor with T ≥ 1, got {tuple(tokens.shape)}")
+            raise UserError(f"tokens must be a (B, T) integer tensor with T ≥ 1, got {tuple(tokens.shape)}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (the scorer's vocabulary)")
+            raise UserError(f"token ids must lie in [0, {self.vocab_size}) (the scorer's vocabulary)")
         if self.max_len is not None and tokens.shape[1] > self.max_len:
-            raise ValueError(
+            raise UserError(
                 f"sequences of {tokens.shape[1]} tokens exceed the scorer's context of {self.max_len}; "
                 "use smaller splits (--max-split) or a longer-context model"
             )
@@ -85,7 +87,7 @@ class ModelScorer(Scorer):
     ):
         super().__init__(batch_size)
         if not 0 <= bos_id < vocab_size:
-            raise ValueError(f"bos_id must lie in [0, {vocab_size}), got {bos_id}")
+            raise UserError(f"bos_id must lie in [0, {vocab_size}), got {bos_id}")
         self.logits_fn = logits_fn
         self.vocab_size, self.bos_id, self.max_len = vocab_size, bos_id, max_len
         self.device = torch.device(device)
@@ -115,12 +117,12 @@ def load_checkpoint_scorer(path: str, tokenizer=None, device: str = "cpu", batch
     checkpoint = load_checkpoint(path)
     io = dict(checkpoint.hparams["io"])
     if io.get("kind") != "discrete":
-        raise ValueError(f"{path} was trained on {io.get('kind')} tokens ({io}); the MI of text needs a model trained "
+        raise UserError(f"{path} was trained on {io.get('kind')} tokens ({io}); the MI of text needs a model trained "
                          "on text: a text run's checkpoint (data=text...), or hf:<model>")
     if tokenizer is None:
         tokenizer = (checkpoint.hparams.get("data") or {}).get("tokenizer")
         if tokenizer is None:
-            raise ValueError(f"{path} records no tokenizer: pass the one the model was trained with (e.g. byte)")
+            raise UserError(f"{path} records no tokenizer: pass the one the model was trained with (e.g. byte)")
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
     model = checkpoint.model.to(device)
@@ -139,7 +141,7 @@ def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: s
     except ImportError as err:
         raise ImportError("Hugging Face scorers need transformers: pip install 'l2m[hf]'") from err
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     from l2m.models.hf import resolve_folder
 
     dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed
@@ -149,7 +151,7 @@ def load_hf_scorer(name: str, device: str = "cpu", batch_size: int = 8, dtype: s
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     if bos is None:
-        raise ValueError(f"{name} defines neither bos_token_id nor eos_token_id; cannot score after BOS")
+        raise UserError(f"{name} defines neither bos_token_id nor eos_token_id; cannot score after BOS")
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     vocab = model.get_output_embeddings().out_features
     return ModelScorer(lambda ids: model(ids).logits, vocab, int(bos), max_len and max_len - 1, device, batch_size, name)
@@ -165,7 +167,7 @@ def check_tokenizer(tokenizer, scorer: Scorer) -> None:
     v_tok, v_model = int(tokenizer.vocab_size), int(scorer.vocab_size)
     padded = max(-(-v_tok // 256) * 256, int(v_tok * 1.01))
     if not v_tok <= v_model <= padded:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} has {v_tok} tokens but the scorer's vocabulary "
             f"has {v_model}: use the tokenizer the model was trained with"
         )

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from l2m.checks import UserError
+
 MAX_ENUMERATION = 1 << 22  # sequences; V^L above this is refused
 
 
@@ -26,7 +28,7 @@ def _stationary(transition: np.ndarray) -> np.ndarray:
 
 def _check_split(ell: int, seq_len: int) -> None:
     if not (1 <= ell < seq_len):
-        raise ValueError(f"split ell must lie in 1..L−1 = 1..{seq_len - 1}, got {ell}")
+        raise UserError(f"split ell must lie in 1..L−1 = 1..{seq_len - 1}, got {ell}")
 
 
 class MarkovMixture:
@@ -37,12 +39,12 @@ class MarkovMixture:
         if p.ndim == 2:
             p = p[None]
         if p.ndim != 3 or p.shape[1] != p.shape[2]:
-            raise ValueError(f"transitions must have shape (K, V, V) or (V, V), got {p.shape}")
+            raise UserError(f"transitions must have shape (K, V, V) or (V, V), got {p.shape}")
         if np.any(p <= 0) or not np.allclose(p.sum(-1), 1.0, atol=1e-10):
-            raise ValueError("transitions must be row-stochastic with all entries > 0 (every sequence possible)")
+            raise UserError("transitions must be row-stochastic with all entries > 0 (every sequence possible)")
         w = np.full(p.shape[0], 1.0 / p.shape[0]) if weights is None else np.asarray(weights, np.float64)
         if w.shape != (p.shape[0],) or np.any(w <= 0) or not np.isclose(w.sum(), 1.0):
-            raise ValueError(f"weights must be {p.shape[0]} positive numbers summing to 1, got {w}")
+            raise UserError(f"weights must be {p.shape[0]} positive numbers summing to 1, got {w}")
         self.transitions = p
         self.weights = w
         self.stationary = np.stack([_stationary(pk) for pk in p])  # (K, V)
@@ -56,7 +58,7 @@ class MarkovMixture:
     def sample(self, n: int, seq_len: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, seq_len) int64 token ids."""
         if n < 1 or seq_len < 1:
-            raise ValueError(f"n and seq_len must be ≥ 1, got {n} and {seq_len}")
+            raise UserError(f"n and seq_len must be ≥ 1, got {n} and {seq_len}")
         weights = torch.from_numpy(self.weights)
         k = torch.multinomial(weights, n, replacement=True, generator=generator)
         start_cdf = torch.from_numpy(self.stationary).cumsum(-1)[k]  # (n, V)
@@ -75,7 +77,7 @@ class MarkovMixture:
         """Exact log p(w_i | w_<i) for (B, T) ids → (B, T) float64 (forward algorithm over the latent)."""
         w = np.asarray(torch.as_tensor(tokens).cpu(), dtype=np.int64)
         if w.ndim != 2 or w.size == 0 or w.min() < 0 or w.max() >= self.vocab_size:
-            raise ValueError(f"tokens must be a non-empty (B, T) array of ids in [0, {self.vocab_size})")
+            raise UserError(f"tokens must be a non-empty (B, T) array of ids in [0, {self.vocab_size})")
         log_p = np.log(self.transitions)
         # log p_k(w_≤t): start term, then cumulative transition terms. (K, B, T)
         per_step = np.concatenate(
@@ -89,7 +91,7 @@ class MarkovMixture:
         """log p(w) of all V^seq_len sequences, index w_1·V^(n−1) + … + w_n."""
         v = self.vocab_size
         if v**seq_len > MAX_ENUMERATION:
-            raise ValueError(
+            raise UserError(
                 f"exact values enumerate V^L = {v}^{seq_len} sequences, more than {MAX_ENUMERATION}; "
                 "use a smaller L or vocabulary"
             )
@@ -125,7 +127,7 @@ class MarkovMixture:
     def two_point_mi(self, d: int) -> float:
         """Exact I(W_i; W_{i+d}) in nats."""
         if d < 1:
-            raise ValueError(f"distance d must be ≥ 1, got {d}")
+            raise UserError(f"distance d must be ≥ 1, got {d}")
         joint = sum(
             w * pi[:, None] * np.linalg.matrix_power(p, d)
             for w, pi, p in zip(self.weights, self.stationary, self.transitions)
@@ -140,7 +142,7 @@ class MarkovChain(MarkovMixture):
     def __init__(self, transition):
         transition = np.asarray(transition, dtype=np.float64)
         if transition.ndim != 2:
-            raise ValueError(f"transition must have shape (V, V), got {transition.shape}")
+            raise UserError(f"transition must have shape (V, V), got {transition.shape}")
         super().__init__(transition[None])
 
     def bipartite_mi(self, ell: int, seq_len: int) -> float:
@@ -162,4 +164,4 @@ def example_source(name: str) -> MarkovMixture:
         return MarkovChain([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
     if name == "mixture":
         return MarkovMixture([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.6, 0.4]]], weights=[0.4, 0.6])
-    raise ValueError(f"unknown exact source {name!r}; available: markov, mixture")
+    raise UserError(f"unknown exact source {name!r}; available: markov, mixture")

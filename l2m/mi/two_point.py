@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from l2m.checks import UserError
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy, naive_entropy
 from l2m.mi.fit import fit_power_law, positive_points
@@ -37,11 +38,11 @@ def _table_mi(keys: np.ndarray, counts: np.ndarray, vocab_size: int, entropy) ->
 def two_point_mi(counter: PairCounter, d: int, estimator: str = "grassberger") -> tuple[float, float]:
     """Î_TP(d) in nats and its standard error (delete-a-group jackknife; nan with one group of data)."""
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
+        raise UserError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
     entropy = ESTIMATORS[estimator]
     keys, counts = counter.pairs(d)
     if counts.size == 0:
-        raise ValueError(f"no token pairs at distance {d}: every document is shorter than {d + 1} tokens")
+        raise UserError(f"no token pairs at distance {d}: every document is shorter than {d + 1} tokens")
     mi = _table_mi(keys, counts, counter.vocab_size, entropy)
     group_keys, group_of, group_counts = counter.group_pairs(d)
     groups = np.unique(group_of)

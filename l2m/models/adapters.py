@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from l2m.checks import check_int
+from l2m.checks import UserError, check_int
 from l2m.models.config import ModelConfig
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
@@ -132,7 +132,7 @@ def _gaussian(io: Mapping, config: ModelConfig):
     dim = check_int("io 'dim' (for kind 'gaussian')", io.get("dim"))
     min_std = float(io.get("min_std", 1e-3))
     if not min_std > 0:
-        raise ValueError(f"io min_std must be > 0 (keeps the predicted std positive), got {min_std}")
+        raise UserError(f"io min_std must be > 0 (keeps the predicted std positive), got {min_std}")
     return GaussianInput(dim, config.d_model), GaussianOutput(dim, config.d_model, min_std)
 
 
@@ -145,7 +145,7 @@ def build_io(io: Mapping, config: ModelConfig):
     ``io_config()``: {"kind": "discrete", "vocab_size": V} or {"kind": "gaussian", "dim": D}."""
     kind = io.get("kind") if isinstance(io, Mapping) else None
     if kind not in IO_KINDS:
-        raise ValueError(
+        raise UserError(
             f"io must be a mapping with 'kind' in {tuple(IO_KINDS)} "
             f"({{'kind': 'discrete', 'vocab_size': V}} or {{'kind': 'gaussian', 'dim': D}}), got {io!r}"
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from l2m.checks import UserError
 from l2m.models.registry import build_model
 from l2m.models.sequence_model import SequenceModel
 
@@ -28,7 +29,7 @@ class Checkpoint:
     callbacks: dict = field(default_factory=dict)  # callback states by class name
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError):
     """A file that is not a readable checkpoint (truncated, empty, not written by torch.save)."""
 
 
@@ -84,7 +85,7 @@ def load_pretrained(source: str | Path, max_seq_len: int | None = None) -> tuple
             return checkpoint.model, config
         if max_seq_len > checkpoint.model.max_positions:
             positions = checkpoint.model.max_positions
-            raise ValueError(f"{source} has learned positions for {positions} tokens, fewer than the data's "
+            raise UserError(f"{source} has learned positions for {positions} tokens, fewer than the data's "
                              f"L = {max_seq_len}: train on data with L <= {positions}")
         model = build_model(config, checkpoint.hparams["io"], max_seq_len=max_seq_len)
         weights = checkpoint.model.state_dict()

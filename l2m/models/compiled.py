@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from l2m.checks import UserError
 from l2m.models.selective_scan import finish_scan, step_sizes
 
 SOURCE = Path(__file__).with_name("compiled.cpp")
@@ -134,7 +135,7 @@ def require_compiled(who: str, backend: str) -> None:
     """At construction: backend='compiled' where the loops cannot be built is a ValueError (bad input:
     the entry points print it as one line)."""
     if backend == "compiled" and not compiled_available():
-        raise ValueError(
+        raise UserError(
             f"{who}: backend='compiled' needs Mamba's compiled CPU loops, which are not available ({_load()[1]}): "
             "install a C++ compiler (g++), or set backend='torch' (or 'auto')"
         )
@@ -144,7 +145,7 @@ def use_compiled(who: str, backend: str, x: Tensor) -> bool:
     """Per call: whether this input runs on the compiled loops; backend='compiled' off the CPU is a ValueError."""
     on_cpu = x.device.type == "cpu"
     if backend == "compiled" and not on_cpu:
-        raise ValueError(
+        raise UserError(
             f"{who}: backend='compiled' runs on CPU tensors only, got input on {x.device}: "
             "set backend='auto' (the CUDA kernels where installed) or 'torch'"
         )

@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from l2m.checks import check_int
+from l2m.checks import UserError, check_int
 
 NORMS = ("rms", "layer")
 
@@ -59,12 +59,12 @@ class ModelConfig:
         """ValueError unless `key` holds a number > 0."""
         value = getattr(self, key)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"model {key} must be a number > 0 ({hint}), got {value!r}")
+            raise UserError(f"model {key} must be a number > 0 ({hint}), got {value!r}")
 
     def choice(self, key: str, options: tuple) -> None:
         """ValueError unless `key` holds one of `options`."""
         if getattr(self, key) not in options:
-            raise ValueError(f"model {key} for {self.arch} must be one of {options}, got {getattr(self, key)!r}")
+            raise UserError(f"model {key} for {self.arch} must be one of {options}, got {getattr(self, key)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

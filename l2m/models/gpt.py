@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.checks import UserError
 from l2m.models.config import ModelConfig, call_block
 
 POSITIONAL = ("learned", "rotary")
@@ -45,14 +46,14 @@ class GPTConfig(ModelConfig):
         super()._check()
         if self.d_model % self.n_head:
             divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
-            raise ValueError(
+            raise UserError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: choose n_head among {divisors}"
             )
         self.choice("positional", POSITIONAL)
         self.choice("activation", ACTIVATIONS)
         self.positive_number("init_std", "0.02: GPT-2's init")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"model dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class Rotary(nn.Module):
@@ -61,7 +62,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         if head_dim % 2:
-            raise ValueError(f"rotary positions need an even head_dim (d_model / n_head), got {head_dim}")
+            raise UserError(f"rotary positions need an even head_dim (d_model / n_head), got {head_dim}")
         self.register_buffer("inv_freq", base ** -(torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
     def forward(self, x: Tensor, start: int) -> Tensor:
@@ -188,7 +189,7 @@ class GPT(nn.Module):
             return x  # rotary: positions enter in attention
         end = start + x.shape[1]
         if end > self.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len} of the learned positions; "
                 "build the model with a larger max_seq_len or use positional='rotary'"
             )

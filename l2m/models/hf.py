@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from l2m.checks import UserError
 from l2m.models.registry import build_model
 from l2m.models.sequence_model import SequenceModel
 
@@ -60,7 +61,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _require(condition: bool, what: str) -> None:
     if not condition:
-        raise ValueError(f"cannot represent this model in l2m: {what}")
+        raise UserError(f"cannot represent this model in l2m: {what}")
 
 
 # ---- the three families: config translation and key maps ((l2m key, hf key, transposed)) ----
@@ -183,7 +184,7 @@ def hf_family(config_json: dict) -> str:
     model_type = config_json.get("model_type")
     if model_type in ("gpt2", "mamba", "mamba2"):
         return model_type
-    raise ValueError(
+    raise UserError(
         f"model_type {model_type!r} ({', '.join(config_json.get('architectures') or [])}) is not supported by "
         f"l2m's importer; supported: {', '.join(SUPPORTED)}. Other causal LMs can still be evaluated "
         "(evaluate.py ckpt_path=hf:<folder>) and used as MI scorers (python -m l2m.mi --scorer hf:<folder>)"
@@ -204,7 +205,7 @@ def from_hf(path_or_id: str | Path, max_seq_len: int | None = None, name: str | 
     config["name"] = name or Path(str(path_or_id)).name
     if config["arch"] == "gpt" and max_seq_len is not None:
         if max_seq_len > config["max_seq_len"]:
-            raise ValueError(f"{path_or_id} has learned positions for {config['max_seq_len']} tokens, fewer than "
+            raise UserError(f"{path_or_id} has learned positions for {config['max_seq_len']} tokens, fewer than "
                              f"the {max_seq_len} asked for: use data.seq_len <= {config['max_seq_len']}")
         config["max_seq_len"] = max_seq_len
     model = build_model(config, {"kind": "discrete", "vocab_size": vocab})
@@ -212,7 +213,7 @@ def from_hf(path_or_id: str | Path, max_seq_len: int | None = None, name: str | 
     state = {}
     for ours, theirs, transposed in to_keys(config):
         if theirs not in weights:
-            raise ValueError(f"{folder}: weight {theirs!r} missing for a {family} model with this config.json")
+            raise UserError(f"{folder}: weight {theirs!r} missing for a {family} model with this config.json")
         tensor = weights[theirs].t() if transposed else weights[theirs]
         target = model.state_dict()[ours]
         if ours == "backbone.wpe.weight":
@@ -220,7 +221,7 @@ def from_hf(path_or_id: str | Path, max_seq_len: int | None = None, name: str | 
         if ours == "encoder.wte.weight" and tensor.shape[0] < target.shape[0]:  # pad rows l2m adds
             tensor = torch.cat([tensor, target[tensor.shape[0]:].to(tensor.dtype)])
         if tensor.shape != target.shape:
-            raise ValueError(f"{folder}: {theirs} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}")
+            raise UserError(f"{folder}: {theirs} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}")
         state[ours] = tensor.to(target.dtype)
     if config["tie_embeddings"]:
         state["decoder.lm_head.weight"] = state["encoder.wte.weight"]
@@ -236,13 +237,13 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
     except ImportError as error:
         raise ImportError(HF_HINT) from error
     if not hasattr(model.encoder, "vocab_size") or not hasattr(model.decoder, "lm_head"):
-        raise ValueError("only discrete-token models (text) can be exported; this one reads Gaussian tokens")
+        raise UserError("only discrete-token models (text) can be exported; this one reads Gaussian tokens")
     config = model.backbone.config.to_dict()
     vocab = model.encoder.vocab_size
     arch = config["arch"]
     if arch == "gpt":
         if config["positional"] != "learned" or not config["bias"]:
-            raise ValueError("GPT2LMHeadModel has learned positions and biases: this GPT (rotary or bias-free) has no "
+            raise UserError("GPT2LMHeadModel has learned positions and biases: this GPT (rotary or bias-free) has no "
                              "transformers counterpart")
         hf_config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=config["max_seq_len"], n_embd=config["d_model"], n_layer=config["n_layer"],
@@ -251,7 +252,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
         hf_model, keys = transformers.GPT2LMHeadModel(hf_config), _gpt2_keys(config)
     elif arch == "mamba":
         if config["norm"] != "rms":
-            raise ValueError("MambaForCausalLM uses RMSNorm: this model has norm='layer'")
+            raise UserError("MambaForCausalLM uses RMSNorm: this model has norm='layer'")
         hf_config = transformers.MambaConfig(
             vocab_size=vocab, hidden_size=config["d_model"], state_size=config["d_state"], num_hidden_layers=config["n_layer"],
             expand=config["expand"], conv_kernel=config["d_conv"], use_bias=config["bias"], use_conv_bias=config["conv_bias"],
@@ -260,7 +261,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
         keys = _mixer_keys(config, "backbone.", "embeddings.weight", _mixer_params(config))
     elif arch == "mamba2":
         if config["norm"] != "rms":
-            raise ValueError("Mamba2ForCausalLM uses RMSNorm: this model has norm='layer'")
+            raise UserError("Mamba2ForCausalLM uses RMSNorm: this model has norm='layer'")
         hf_config = transformers.Mamba2Config(
             vocab_size=vocab, hidden_size=config["d_model"], state_size=config["d_state"],
             num_hidden_layers=config["n_layer"], expand=config["expand"], head_dim=config["headdim"],
@@ -269,7 +270,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
         hf_model = transformers.Mamba2ForCausalLM(hf_config)
         keys = _mixer_keys(config, "backbone.", "embeddings.weight", _mixer_params(config))
     else:
-        raise ValueError(f"architecture {arch!r} has no transformers counterpart; exportable: gpt, mamba, mamba2")
+        raise UserError(f"architecture {arch!r} has no transformers counterpart; exportable: gpt, mamba, mamba2")
     ours = model.state_dict()
     state = {theirs: (ours[mine].t() if transposed else ours[mine]) for mine, theirs, transposed in keys}
     state = {k: (v[:vocab] if k.endswith(("wte.weight", "embeddings.weight")) else v).contiguous() for k, v in state.items()}

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import torch.nn as nn
 from torch import Tensor
 
+from l2m.checks import UserError
+
 KERNELS_HINT = (
     "install the CUDA kernels with `pip install 'l2m[cuda]'` (mamba-ssm and causal-conv1d; needs "
     "CUDA torch and nvcc), or set backend='torch'"
@@ -64,7 +66,7 @@ def require_kernels(who: str, backend: str, names: tuple[str, ...]) -> None:
 def use_kernels(who: str, backend: str, names: tuple[str, ...], x: Tensor) -> bool:
     """Per call: whether this input runs on the kernels; backend='kernels' with CPU tensors is a ValueError."""
     if backend == "kernels" and not x.is_cuda:
-        raise ValueError(
+        raise UserError(
             f"{who}: backend='kernels' runs on CUDA tensors only, got input on {x.device}: move the model "
             "to a GPU or set backend='torch' (or 'auto')"
         )

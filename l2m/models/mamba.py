@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from l2m.checks import is_int
+from l2m.checks import UserError, is_int
 from l2m.models.compiled import (
     compiled_causal_conv1d_silu,
     compiled_selective_scan_channels_last,
@@ -65,7 +65,7 @@ class MambaConfig(MixerConfig):
         super()._check()
         self.choice("backend", BACKENDS)
         if self.dt_rank != "auto" and not (is_int(self.dt_rank) and self.dt_rank >= 1):
-            raise ValueError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or an int >= 1, got {self.dt_rank!r}")
+            raise UserError(f"model dt_rank must be 'auto' (ceil(d_model / 16)) or an int >= 1, got {self.dt_rank!r}")
         require_kernels("Mamba", self.backend, KERNELS)
         require_compiled("Mamba", self.backend)
 

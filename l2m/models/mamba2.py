@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.checks import UserError
 from l2m.models.config import MixerConfig
 from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.mamba import ssm_state_dtype
@@ -69,12 +70,12 @@ class Mamba2Config(MixerConfig):
         super()._check()
         self.choice("backend", BACKENDS)
         if self.d_inner % self.headdim:
-            raise ValueError(
+            raise UserError(
                 f"headdim={self.headdim} does not divide d_inner = expand * d_model = {self.d_inner}: choose a "
                 f"headdim among the divisors of {self.d_inner} (e.g. 64) or change d_model/expand"
             )
         if self.nheads % self.ngroups:
-            raise ValueError(
+            raise UserError(
                 f"ngroups={self.ngroups} must divide the number of heads d_inner / headdim = {self.nheads}; "
                 "change ngroups or headdim"
             )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from l2m.checks import UserError
 from l2m.models.adapters import build_io
 from l2m.models.config import MixerConfig, ModelConfig
 from l2m.models.gpt import GPT, GPTConfig
@@ -66,14 +67,14 @@ def architecture(arch: object) -> Architecture:
     hint = (f"model arch must be one of {tuple(ARCHITECTURES)} or the import path of a module class with a "
             f"config_class (package.module.MyMixer), got {arch!r}")
     if not isinstance(arch, str) or "." not in arch:
-        raise ValueError(hint)
+        raise UserError(hint)
     module_name, _, class_name = arch.rpartition(".")
     try:
         module = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"{hint}: cannot import it ({error}); is its package installed or on PYTHONPATH?") from error
+        raise UserError(f"{hint}: cannot import it ({error}); is its package installed or on PYTHONPATH?") from error
     if not hasattr(module, "config_class"):
-        raise ValueError(f"{hint}: {arch} has no config_class, the ModelConfig subclass that holds its options")
+        raise UserError(f"{hint}: {arch} has no config_class, the ModelConfig subclass that holds its options")
     return Architecture(_checked_config(arch, module.config_class), module)
 
 
@@ -86,10 +87,10 @@ def model_config(cfg: Mapping | ModelConfig) -> ModelConfig:
     allowed = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise ValueError(f"unknown model config key(s) {unknown} for arch {arch!r}; allowed: {sorted(allowed)}")
+        raise UserError(f"unknown model config key(s) {unknown} for arch {arch!r}; allowed: {sorted(allowed)}")
     missing = sorted(f.name for f in dataclasses.fields(config) if f.name not in cfg and _required(f))
     if missing:
-        raise ValueError(f"model config for arch {arch!r} lacks {missing}")
+        raise UserError(f"model config for arch {arch!r} lacks {missing}")
     return config(**cfg)
 
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from l2m.checks import UserError, one_line_errors
 from l2m.report.sweep import (
     collapse_metrics,
     find_runs,
@@ -31,18 +32,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="dim(z): SSM state for SSMs and KV cache for transformers (paper Fig. 3c), "
                              "or the whole history state (SSM + conv)")
     args = parser.parse_args(argv)
-    try:
-        records = find_runs(args.dirs)
-        rows, skipped = sweep_rows(records, args.state)
-        if not rows:
-            finished = sum(r.summary is not None for r in records)
-            raise ValueError(
-                f"none of the {finished} summary.json files has i_bp_half, avg_kl and the history-state "
-                "parts: the sweep report is for Gaussian-task runs (text runs have no exact MI)"
-            )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    with one_line_errors(path_hint="check the run directories, or choose an --out you can write to"):
+        return _report(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    records = find_runs(args.dirs)
+    rows, skipped = sweep_rows(records, args.state)
+    if not rows:
+        finished = sum(r.summary is not None for r in records)
+        raise UserError(
+            f"none of the {finished} summary.json files has i_bp_half, avg_kl and the history-state "
+            "parts: the sweep report is for Gaussian-task runs (text runs have no exact MI)"
+        )
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     collapse = collapse_metrics(rows)

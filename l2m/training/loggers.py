@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from l2m.checks import UserError
+
 
 def wandb_has_credentials() -> bool:
     """True when W&B can authenticate without prompting."""
@@ -33,7 +35,7 @@ def wandb_mode(requested: str | None) -> str:
     """The config's mode, else WANDB_MODE, else online with credentials and offline without."""
     mode = requested or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
     if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={mode!r}: expected online, offline or disabled")
+        raise UserError(f"logger.mode={mode!r}: expected online, offline or disabled")
     return mode
 
 

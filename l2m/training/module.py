@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
-from l2m.checks import BAD_INPUT
+from l2m.checks import BAD_INPUT, UserError
 from l2m.models import build_model
 
 # Where a checkpoint keeps the optimizer and schedule settings it was trained with.
@@ -53,9 +53,9 @@ def _instantiate(group: str, config: Mapping[str, Any], *args: Any, **kwargs: An
     try:
         return instantiate({**config, "_partial_": True})(*args, **kwargs)
     except InstantiationException as error:
-        raise ValueError(f"{group} ({target}) cannot be built: {error.__cause__ or error}") from error
-    except BAD_INPUT as error:
-        raise type(error)(f"{group} ({target}) refused its settings: {error}") from error
+        raise UserError(f"{group} ({target}) cannot be built: {error.__cause__ or error}") from error
+    except (*BAD_INPUT, ValueError, TypeError) as error:  # torch.optim's checks raise ValueError
+        raise UserError(f"{group} ({target}) refused its settings: {error}") from error
 
 
 class L2MModule(L.LightningModule):
@@ -157,7 +157,7 @@ class L2MModule(L.LightningModule):
         saved = checkpoint.get(SCHEDULE_KEY) or dict(checkpoint.get("hyper_parameters", {}).get("optim") or {})
         saved = {"optimizer": ADAMW, "schedule": WARMUP_COSINE, **saved}
         if saved["optimizer"] != settings["optimizer"]:
-            raise ValueError(f"cannot resume: the checkpoint trained with optim {saved['optimizer']}, this run asks for "
+            raise UserError(f"cannot resume: the checkpoint trained with optim {saved['optimizer']}, this run asks for "
                              f"{settings['optimizer']}, whose state it does not hold. Resume with optim set as it "
                              "was, or start a new run (ckpt_path=null in a new run directory)")
         changed = {k: (saved[k], v) for k, v in settings.items() if saved.get(k) is not None and saved[k] != v}

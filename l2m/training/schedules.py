@@ -11,6 +11,8 @@ from functools import partial
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from l2m.checks import UserError
+
 
 def warmup_cosine_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
@@ -29,9 +31,9 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int = 0, total_steps: int 
     object's attributes, so a resumed run would bring back the old settings instead of the new ones.
     """
     if total_steps is None or total_steps <= 0:
-        raise ValueError("the LR schedule needs a length: set trainer.max_steps or schedule.total_steps")
+        raise UserError("the LR schedule needs a length: set trainer.max_steps or schedule.total_steps")
     if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
-        raise ValueError(f"schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1], got "
+        raise UserError(f"schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1], got "
                          f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}")
     multiplier = partial(warmup_cosine_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,
                          min_lr_ratio=min_lr_ratio)

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from l2m.checks import check_int
+from l2m.checks import UserError, check_int
 
 KINDS = ("subvolume", "log")
 MAX_LEVELS = 8
@@ -60,7 +60,7 @@ _M = torch.tensor(
 def _validate(levels, kind, copies) -> None:
     check_int("levels", levels, 1, MAX_LEVELS)
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise UserError(f"kind must be one of {KINDS}, got {kind!r}")
     check_int("copies", copies)
 
 
@@ -68,7 +68,7 @@ def levels_of_length(seq_len: object) -> int:
     """The `levels` of the family member of length seq_len (L = 4**levels), or a ValueError listing them."""
     lengths = {4**levels: levels for levels in range(1, MAX_LEVELS + 1)}
     if seq_len not in lengths:
-        raise ValueError(
+        raise UserError(
             f"seq_len={seq_len} is not a length of the Gaussian family, whose lengths are "
             f"L = 4**levels: {', '.join(map(str, lengths))} (levels=1..{MAX_LEVELS})"
         )
@@ -260,7 +260,7 @@ class GaussianFamily:
         for name, pos in (("i", i), ("j", j)):
             check_int(name, pos, 1, self.seq_len, what="a 1-based position")
         if i == j:
-            raise ValueError(f"i and j must differ (the MI of a variable with itself is infinite), got {i}")
+            raise UserError(f"i and j must differ (the MI of a variable with itself is infinite), got {i}")
         rho = float(self.covariance[i - 1, j - 1])
         return self.copies * -0.5 * math.log1p(-rho * rho)
 
@@ -342,7 +342,7 @@ class GaussianFamily:
         triangular solve R w = z (O(L²) per sequence and copy), in float64 on x.device.
         """
         if x.dim() != 3 or x.shape[1:] != (self.seq_len + 1, self.copies):
-            raise ValueError(
+            raise UserError(
                 f"x must have shape (batch, {self.seq_len + 1}, {self.copies}) = (batch, L+1, copies) "
                 f"with BOS at index 0, got {tuple(x.shape)}"
             )

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from l2m.checks import UserError
 from l2m.data.text.sentences import sentence_spans
 from l2m.data.text.documents import load_documents, source_fingerprint
 from l2m.data.text.tokenizer import Tokenizer
@@ -77,7 +78,7 @@ def open_cache(
 ) -> SampleCache:
     """Open the cache of (source, tokenizer, sample_len), building it first if it is missing."""
     if sample_len < 1:
-        raise ValueError(f"sample_len must be >= 1, got {sample_len}")
+        raise UserError(f"sample_len must be >= 1, got {sample_len}")
     key_parts = {
         "version": CACHE_VERSION,
         "source_fingerprint": source_fingerprint(source, split, text_column, subset),  # "corpus" == "./corpus"
@@ -185,7 +186,7 @@ def _build_into(tmp: Path, path: Path, docs: Iterable[str], tokenizer: Tokenizer
             bar.set_postfix(samples=len(index), skipped=n_skipped)
     seconds = time.perf_counter() - t0
     if not index:
-        raise ValueError(
+        raise UserError(
             f"source={key_parts['source']!r}: none of its {n_docs} documents is long enough for one "
             f"sample of {sample_len} tokens; lower seq_len or use longer documents"
         )

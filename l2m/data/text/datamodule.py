@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from l2m.checks import check_ints
+from l2m.checks import UserError, check_ints
 from l2m.data.stream import BatchStream, StreamDataModule, rank_share
 from l2m.data.text.cache import SampleCache, open_cache, open_tokens
 from l2m.data.text.tokenizer import Tokenizer, check_vocab, get_tokenizer
@@ -40,14 +40,14 @@ def heldout_split(doc_hash: np.ndarray, val_size: int) -> tuple[np.ndarray, np.n
     held-out document is dropped so that no document is split between val and train.
     """
     if not 1 <= val_size < len(doc_hash):
-        raise ValueError(
+        raise UserError(
             f"val_size must be in 1..{len(doc_hash) - 1} (the corpus has {len(doc_hash)} samples), got {val_size}"
         )
     order = np.lexsort((np.arange(len(doc_hash)), doc_hash))
     val = order[:val_size]
     train = np.sort(order[doc_hash[order] > doc_hash[val[-1]]])
     if len(train) == 0:
-        raise ValueError(f"val_size={val_size} leaves no training samples; lower it or add documents")
+        raise UserError(f"val_size={val_size} leaves no training samples; lower it or add documents")
     return val, train
 
 
@@ -138,7 +138,7 @@ class TextDataModule(StreamDataModule):
             seed=(seed, 0), num_workers=(num_workers, 0), epoch_size=(epoch_size, 1),
         )
         if not sample_ratio >= 1.0:
-            raise ValueError(f"sample_ratio must be >= 1 (samples hold at least seq_len tokens), got {sample_ratio}")
+            raise UserError(f"sample_ratio must be >= 1 (samples hold at least seq_len tokens), got {sample_ratio}")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
         self.tokenizer = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size

@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from l2m.checks import UserError
 from l2m.data.text.hub import hub_offline, hub_reachable, looks_like_local_path
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -54,11 +55,11 @@ def load_documents(
         and files with NUL bytes (binary, not text) are skipped with a count.
     """
     if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+        raise UserError(f"max_documents must be >= 1 or None, got {max_documents}")
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise ValueError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)") from None
+        raise UserError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)") from None
     path = Path(source).expanduser()
     if path.exists():
         docs = _local_documents(path, text_column, encoding)
@@ -91,11 +92,11 @@ def source_fingerprint(source: str, split: str, text_column: str, subset: str | 
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"source={str(path)!r}: unsupported file type; use one of {LOCAL_SUFFIXES}")
+            raise UserError(f"source={str(path)!r}: unsupported file type; use one of {LOCAL_SUFFIXES}")
         return [path]
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
     if not files:
-        raise ValueError(f"source={str(path)!r}: the folder holds no {', '.join(LOCAL_SUFFIXES)} files")
+        raise UserError(f"source={str(path)!r}: the folder holds no {', '.join(LOCAL_SUFFIXES)} files")
     return files
 
 
@@ -141,13 +142,13 @@ def _jsonl_documents(f: Path, text_column: str, encoding: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{f}:{lineno}: not valid JSON ({error.msg}, column {error.colno}); a .jsonl file "
+                raise UserError(f"{f}:{lineno}: not valid JSON ({error.msg}, column {error.colno}); a .jsonl file "
                                  "holds one JSON object per line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{f}:{lineno}: a JSON {type(record).__name__}, not an object with a "
+                raise UserError(f"{f}:{lineno}: a JSON {type(record).__name__}, not an object with a "
                                  f"{text_column!r} field")
             if text_column not in record:
-                raise ValueError(
+                raise UserError(
                     f"{f}:{lineno}: no field text_column={text_column!r}; fields are {sorted(record)}"
                 )
             yield record[text_column]
@@ -158,7 +159,7 @@ def _parquet_documents(f: Path, text_column: str) -> Iterator[str]:
 
     table = pq.ParquetFile(f)
     if text_column not in table.schema_arrow.names:
-        raise ValueError(f"{f}: no column text_column={text_column!r}; columns are {table.schema_arrow.names}")
+        raise UserError(f"{f}: no column text_column={text_column!r}; columns are {table.schema_arrow.names}")
     for batch in table.iter_batches(columns=[text_column], batch_size=256):
         yield from batch.column(0).to_pylist()
 
@@ -189,6 +190,6 @@ def _hub_documents(
         raise unavailable(f"{type(e).__name__}: {e}") from e
     columns = ds.column_names
     if columns is not None and text_column not in columns:
-        raise ValueError(f"hub dataset {source!r} has no column text_column={text_column!r}; columns are {columns}")
+        raise UserError(f"hub dataset {source!r} has no column text_column={text_column!r}; columns are {columns}")
     for record in ds:
         yield record[text_column]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from l2m.checks import UserError
 from l2m.data.text.hub import hub_offline, hub_reachable, looks_like_local_path
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -61,7 +62,7 @@ class HFTokenizer:
             i = self._tok.token_to_id(t)
             if i is not None:
                 return i
-        raise ValueError(
+        raise UserError(
             f"tokenizer {self.name!r} has no {arg}: tried {[token] if token else list(candidates)}; "
             f"pass {arg}= with one of its special tokens"
         )
@@ -133,7 +134,7 @@ def _load_local(path: Path):
     try:  # e.g. a sentencepiece-only folder: transformers converts it to a fast tokenizer
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"tokenizer={str(path)!r} holds no tokenizer.json; install transformers (pip install "
             f"'l2m[hf]') to load other tokenizer formats"
         ) from e
@@ -143,7 +144,7 @@ def _load_local(path: Path):
 def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_name: str = "tokenizer") -> None:
     """Raise ValueError unless every token id of the tokenizer is a valid model input/output."""
     if tokenizer_vocab_size > model_vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{tokenizer_name} has {tokenizer_vocab_size} tokens but the model's vocabulary holds "
             f"{model_vocab_size}: use the tokenizer the model was trained with, or a model with "
             f"vocab_size >= {tokenizer_vocab_size}"
