@@ -4,10 +4,13 @@ Writes positionwise.csv, summary.json and positionwise.png to a new run director
 Configs: conf/evaluate.yaml.
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from l2m.jobs import evaluate, report_errors
+from l2m.jobs.composition import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).with_name("conf"), "evaluate")
     main()

@@ -4,10 +4,13 @@ With no arguments: a tiny GPT on the Gaussian task (L = 64, 64 copies) on the CP
 minutes, ending with the L²M summary table. Configs: conf/train.yaml.
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from l2m.jobs import report_errors, train
+from l2m.jobs.composition import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).with_name("conf"), "train")
     main()

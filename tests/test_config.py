@@ -3,12 +3,17 @@
 import functools
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import UnionNode
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
-from conftest import CONF
+from conftest import CONF, REPO
 from l2m.data.gaussian_datamodule import GaussianDataModule
 from l2m.jobs.run import instantiate_data
 from l2m.models import build_model
@@ -33,6 +38,72 @@ def test_every_option_of_every_group_composes(compose_train, group):
     for option in options(group):
         cfg = compose_train(f"{group}={option}")
         assert cfg[group] is not None, option
+
+
+def _another_value(cfg: DictConfig, key: str) -> tuple[str, object]:
+    """(override text, composed value) of a value of cfg[key]'s type that differs from its own."""
+    node, value = cfg._get_node(key), cfg[key]
+    if isinstance(node, ListConfig):
+        return "[0.5,0.25]", [0.5, 0.25]
+    if isinstance(node, BooleanNode):
+        return str(not value).lower(), not value
+    if isinstance(node, UnionNode):  # the schemas' unions all take an int (trainer.limit_train_batches: int | float)
+        return "7", 7
+    if isinstance(node, IntegerNode):
+        return str((value or 0) + 3), (value or 0) + 3
+    if isinstance(node, FloatNode):
+        return str((value or 0.0) + 0.125), (value or 0.0) + 0.125
+    if isinstance(node, StringNode) or value is None or isinstance(value, str):
+        return "overridden", "overridden"
+    return str(value + 3), value + 3  # Any holding a number (trainer.devices)
+
+
+# Fields that are not options of the group (its _target_, the arch a model preset is of).
+NOT_OPTIONS = {"arch"}
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optim", "schedule", "trainer"])
+def test_every_field_of_every_preset_is_an_override_of_its_type(compose_train, group):
+    """README-documented overrides (model.checkpointing=true, model.init_std, ...) and every other
+    field of the chosen class are plain `group.field=value` overrides, composed with its type."""
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}")[group]
+        fields = [k for k in cfg if not str(k).startswith("_") and k not in NOT_OPTIONS]
+        assert len(fields) >= 3, (option, fields)
+        overrides = {key: _another_value(cfg, key) for key in fields}
+        overridden = compose_train(f"{group}={option}", *(f"{group}.{k}={text}" for k, (text, _) in overrides.items()))
+        composed = {k: list(v) if isinstance(v, ListConfig) else v for k, v in overridden[group].items()}
+        assert {k: composed[k] for k in fields} == {k: v for k, (_, v) in overrides.items()}, option
+
+
+def test_the_readme_model_overrides_compose_and_build(compose_train):
+    io = {"kind": "discrete", "vocab_size": 10}
+    cfg = compose_train("model.checkpointing=true", "model.embedding_std=1.0", "model.tie_embeddings=false",
+                        "model.init_std=0.08", "model.activation=gelu_tanh", "model.bias=false")
+    gpt = build_model(dict(cfg.model), io=io, max_seq_len=16).backbone.config
+    assert (gpt.checkpointing, gpt.embedding_std, gpt.tie_embeddings, gpt.init_std, gpt.activation, gpt.bias) == (
+        True, 1.0, False, 0.08, "gelu_tanh", False)
+    mamba = build_model(dict(compose_train("model=tiny-mamba", "model.norm=layer").model), io=io)
+    assert mamba.backbone.config.norm == "layer" and isinstance(mamba.backbone.norm_f, torch.nn.LayerNorm)
+
+
+def train_py(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nonsense=1", "error: model.nonsense is not a key of model (GPTConfig); the keys there: arch, n_layer, "
+                         "d_model, name, pad_vocab_size_multiple, tie_embeddings, embedding_std, checkpointing, n_head"),
+    ("model.n_layer=two", "error: model.n_layer=two: Value 'two' of type 'str' could not be converted to Integer; "
+                          "model.n_layer takes int"),
+    ("optim.momentum=0.9", "error: optim.momentum is not a key of optim (AdamW); the keys there: lr, betas, eps"),
+    ("data.num_paris=8", "error: data.num_paris is not a key of data (GaussianDataModule); the keys there: levels"),
+    ("model=gpt5", "error: model/gpt5 is not a config: the options of model are fig3-gpt, fig3-mamba"),
+])
+def test_a_wrong_override_is_one_line_naming_the_key_and_the_allowed_ones(override, message):
+    result = train_py(override)
+    assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_every_model_preset_builds_for_the_gaussian_task(compose_train):

@@ -66,6 +66,39 @@ def test_a_signal_checkpoints_the_step_in_flight_and_auto_resume_ends_as_an_unin
     assert train(compose_train(*common), run_dir=tmp_path / "run") == read_summary(tmp_path / "run")
 
 
+@pytest.mark.parametrize("optim, state_key", [("adamw", "exp_avg_sq"), ("sgd", "momentum_buffer")])
+def test_each_shipped_optimizer_trains_and_resumes_exactly(compose_train, tmp_path, optim, state_key):
+    common = [*FAST, f"optim={optim}", "schedule.warmup_steps=2", "schedule.total_steps=8",
+              "callbacks.checkpoint.every_n_train_steps=100"]
+    full = train(compose_train(*common, "trainer.max_steps=8"), run_dir=tmp_path / "full")
+    train(compose_train(*common, "trainer.max_steps=4"), run_dir=tmp_path / "run")
+    resumed = train(compose_train(*common, "trainer.max_steps=8"), run_dir=tmp_path / "run")
+    assert resumed["avg_kl"] < resumed["initial_avg_kl"]  # it trained
+    ends = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+            for run in ("full", "run")]
+    assert all(end["global_step"] == 8 for end in ends)
+    for name, weights in ends[0]["state_dict"].items():
+        torch.testing.assert_close(ends[1]["state_dict"][name], weights, rtol=0, atol=0, msg=name)
+    states = [end["optimizer_states"][0] for end in ends]
+    assert states[0]["param_groups"] == states[1]["param_groups"]
+    assert all(state_key in per_parameter for per_parameter in states[1]["state"].values())
+    for index, per_parameter in states[0]["state"].items():
+        torch.testing.assert_close(states[1]["state"][index][state_key], per_parameter[state_key], rtol=0, atol=0)
+
+
+def test_a_new_optimizer_is_one_yaml_file_in_the_users_own_config_folder(compose_train, tmp_path):
+    (tmp_path / "conf" / "optim").mkdir(parents=True)
+    (tmp_path / "conf" / "optim" / "adagrad.yaml").write_text("_target_: torch.optim.Adagrad\nlr: 0.05\nweight_decay: 0.01\n")
+    cfg = compose_train(*FAST, "trainer.max_steps=3", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "optim=adagrad",
+                        "optim.lr=0.02", "~schedule")
+    train(cfg, run_dir=tmp_path / "run")
+    end = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    decayed, other = end["optimizer_states"][0]["param_groups"]
+    assert (decayed["lr"], decayed["weight_decay"], other["weight_decay"]) == (0.02, 0.01, 0.0)  # constant rate
+    assert all("sum" in state for state in end["optimizer_states"][0]["state"].values())  # Adagrad's own state
+    assert end["lr_schedulers"] == [] and end["l2m_schedule"]["optimizer"] == "torch.optim.Adagrad"
+
+
 def wait_for(pattern: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not list(Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor)))):

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from l2m.checks import UserError
 from l2m.jobs.cluster import requeue, slurm_job_id
 from l2m.models import model_config, read_checkpoint
 from l2m.training.checkpoints import latest_checkpoint, remove_partial_files
@@ -103,14 +104,14 @@ def check_resumable(path: Path, contents: Mapping[str, Any], current: Mapping[st
     """A clear error unless this config may continue the checkpoint's run."""
     differences = training_differences(contents["hyper_parameters"], current)
     if differences:
-        raise ValueError(
+        raise UserError(
             f"cannot resume from {path}: it trained another model or data ({'; '.join(differences)}). Resume "
             "with the settings it was trained with, or start a new run: another run_id or hydra.run.dir, or "
             "ckpt_path=null in a fresh directory"
         )
     step = int(contents["global_step"])
     if max_steps is not None and 0 <= max_steps <= step:
-        raise ValueError(
+        raise UserError(
             f"trainer.max_steps={max_steps}, but {path} is already at step {step}: nothing is left to train. "
             f"Raise trainer.max_steps above {step} to train on, or evaluate it: python evaluate.py ckpt_path={path}"
         )

@@ -8,6 +8,7 @@ groups name by `_target_`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -22,14 +23,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2m.checks import BAD_INPUT, check_device, check_int, one_line_errors
+from l2m.checks import BAD_INPUT, UserError, check_device, check_int, one_line_errors
 from l2m.data.contract import L2MData, check_data
 from l2m.data.text.hub import looks_like_local_path
 from l2m.evaluation import analyse_state
@@ -143,6 +144,8 @@ def instantiate_data(data: dict) -> L2MData:
         cause = error.__cause__
         if isinstance(cause, BAD_INPUT):
             raise type(cause)(f"data ({data.get('_target_')}): {cause}") from cause
+        if isinstance(cause, (ValueError, TypeError)):  # a library's check of a data argument
+            raise UserError(f"data ({data.get('_target_')}): {cause}") from cause
         raise
     return check_data(datamodule)
 
@@ -173,7 +176,7 @@ def build(cfg: DictConfig) -> tuple[L2MData, L2MModule]:
         initial, imported = load_pretrained(cfg.init_from, max_seq_len=datamodule.seq_len)
         model_config = adopt_imported(cfg.init_from, model_config, imported)
         if initial.io != datamodule.io_config():
-            raise ValueError(
+            raise UserError(
                 f"init_from={cfg.init_from} reads {initial.io}, but the data gives {datamodule.io_config()}: use its "
                 "tokenizer (data.tokenizer=...) and vocabulary (data.vocab_size=...)"
             )
@@ -275,10 +278,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     or of a Hugging Face causal LM (ckpt_path=hf:<folder or id>) on the text data given in
     cfg.data; write the run files."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
-        raise ValueError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt (or hf:<folder>)")
+        raise UserError("evaluate needs a checkpoint: ckpt_path=<run dir>/checkpoints/last.ckpt (or hf:<folder>)")
     run_dir = with_run_dir(cfg, run_dir)
     set_threads(cfg.get("threads"))
-    overrides = {k: v for k, v in _plain(cfg.data).items() if v is not None}
+    overrides = _plain(cfg.data)
     source = str(cfg.ckpt_path)
     if source.startswith(HF_PREFIX):
         model, data, name, step, callback_state = _hf_model_and_data(source[len(HF_PREFIX):], overrides)
@@ -294,11 +297,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     model = model.to(device)
     datamodule = instantiate_data(data)
     if datamodule.io_config() != model.io:
-        raise ValueError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
+        raise UserError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
     positions = getattr(model, "max_positions", None)
     if positions is not None and datamodule.seq_len > positions:
         options = getattr(datamodule, "length_options", "data.seq_len")
-        raise ValueError(f"the model has learned positions for {positions} tokens, but the data gives L = "
+        raise UserError(f"the model has learned positions for {positions} tokens, but the data gives L = "
                          f"{datamodule.seq_len}: evaluate it at L <= {positions} ({options}), or train a model "
                          "with model.positional=rotary, which holds any length")
     datamodule.prepare_data()
@@ -315,12 +318,14 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
 
 def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
-    """The data config a checkpoint was trained on, updated by the non-null keys given (val_size...)."""
-    unknown = sorted(set(overrides) - set(trained_on))
+    """The data config a checkpoint was trained on, updated by the keys given (val_size...): any
+    argument of its data module, also those added to it since the checkpoint was written."""
+    options = set(trained_on) | set(data_arguments(trained_on.get("_target_")))
+    unknown = sorted(set(overrides) - options)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"data.{unknown[0]} is not an option of the checkpoint's data ({trained_on.get('_target_')}); "
-            f"it takes: {', '.join(sorted(k for k in trained_on if not k.startswith('_')))}"
+            f"it takes: {', '.join(sorted(k for k in options if not k.startswith('_')))}"
         )
     data = {**trained_on, **overrides}
     for key in PATH_KEYS:
@@ -331,12 +336,22 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
     return data
 
 
+def data_arguments(target: str | None) -> list[str]:
+    """The keyword arguments of the data module `target` names (none where it cannot be imported:
+    instantiating it says why)."""
+    try:
+        parameters = inspect.signature(get_class(target)).parameters.values()
+    except Exception:  # noqa: BLE001  ImportError, ValueError, TypeError: reported when it is built
+        return []
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _hf_model_and_data(path_or_id: str, overrides: dict) -> tuple:
     """(model, text data config, name, step, callback state) to evaluate a Hugging Face causal LM."""
     from l2m.models.hf import load_causal_lm
 
     if "source" not in overrides:
-        raise ValueError(f"evaluate.py ckpt_path=hf:{path_or_id} needs the text to evaluate on: data.source=<folder of "
+        raise UserError(f"evaluate.py ckpt_path=hf:{path_or_id} needs the text to evaluate on: data.source=<folder of "
                          ".txt, .jsonl or .parquet, or a hub dataset id> (and data.tokenizer, default the model's)")
     seq_len = overrides.get("seq_len", 128)
     model = load_causal_lm(path_or_id, max_seq_len=seq_len)

@@ -27,7 +27,7 @@ JOB_TRAINER_ARGUMENTS = ("logger", "callbacks", "plugins", "default_root_dir", "
 
 def _supported(annotation: Any) -> bool:
     try:
-        OmegaConf.structured(dataclasses.make_dataclass("Probe", [("value", annotation, None)]))
+        OmegaConf.structured(dataclasses.make_dataclass("Probe", [("value", annotation, dataclasses.field(default=MISSING))]))
     except Exception:  # noqa: BLE001  OmegaConf says no in several exception types
         return False
     return True
@@ -101,6 +101,9 @@ def register_schemas() -> None:
     store.store(group="schema/schedule", name="warmup_cosine",
                 node=signature_schema(warmup_cosine, skip=("optimizer",), partial=True))
     store.store(group="schema/trainer", name="lightning", node=signature_schema(L.Trainer, skip=JOB_TRAINER_ARGUMENTS))
+    # evaluate.py's data: changes to whichever data config the checkpoint holds, so any key (checked
+    # against that data module by the job), not a schema
+    store.store(group="schema/evaluate", name="data", node=OmegaConf.create({}, flags={"struct": False}))
 
 
 register_schemas()

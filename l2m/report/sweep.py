@@ -35,6 +35,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from l2m.checks import UserError
 from l2m.report.format import format_number
 
 COLUMNS = [
@@ -79,7 +80,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:  # e.g. a run killed while writing it
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise UserError(f"{path}: not valid JSON ({error})") from error
 
 
 def _last_step(run_dir: Path) -> int | None:
