@@ -60,6 +60,8 @@ TRAIN_CASES = {
     "empty ckpt_path": (["ckpt_path={root}/empty.ckpt"], "empty.ckpt is empty (0 bytes): not a checkpoint"),
     "truncated ckpt_path": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
     "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
+    "a negative step count": (["trainer.max_steps=-5"],
+                              "trainer.max_steps must be a step count (or -1: until stopped) >= 0, got -5"),
     "negative learning rate": (["optim.lr=-1"], "optim (torch.optim.AdamW) refused its settings: Invalid learning rate: -1"),
     "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim (torch.optim.AdamW) refused its settings: Invalid beta parameter at index 1: 1.5"),
     "init_from a model with fewer learned positions": (["data=gaussian", "data.levels=3",
@@ -279,5 +281,5 @@ def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys):
         first = capsys.readouterr().out  # Lightning's bars write to stdout
         train(compose("train", overrides=[*overrides, "trainer.max_steps=30"]), run_dir=tmp_path)  # resumed
         resumed = capsys.readouterr().out
-    assert "training steps" in first and "15/15" in first and "Epoch" not in first
+    assert "training steps" in first and "15/15" in first and "Epoch" not in first and "Training" not in first
     assert "15/30" in resumed and "30/30" in resumed  # it starts where the run stopped, across nominal epochs

@@ -145,6 +145,7 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path):
     assert result.returncode == 0, result.stderr
     model = load_checkpoint(ckpt).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (256, 257)  # the byte tokenizer's it was trained with
     ids = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert relative(hf(ids).logits, model(ids)) <= 1e-5

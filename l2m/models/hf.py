@@ -229,9 +229,11 @@ def from_hf(path_or_id: str | Path, max_seq_len: int | None = None, name: str | 
     return model.eval(), config
 
 
-def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
+def to_hf(model: SequenceModel, out_dir: str | Path, bos_token_id: int | None = None,
+          eos_token_id: int | None = None) -> Path:
     """Write `model` as a transformers folder (config.json + model.safetensors) that
-    AutoModelForCausalLM.from_pretrained loads with the same logits."""
+    AutoModelForCausalLM.from_pretrained loads with the same logits; the token ids of its tokenizer's
+    BOS and EOS go into the config (generate() starts and stops on them)."""
     try:
         import transformers
     except ImportError as error:
@@ -241,6 +243,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
     config = model.backbone.config.to_dict()
     vocab = model.encoder.vocab_size
     arch = config["arch"]
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     if arch == "gpt":
         if config["positional"] != "learned" or not config["bias"]:
             raise UserError("GPT2LMHeadModel has learned positions and biases: this GPT (rotary or bias-free) has no "
@@ -248,7 +251,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
         hf_config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=config["max_seq_len"], n_embd=config["d_model"], n_layer=config["n_layer"],
             n_head=config["n_head"], activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[config["activation"]],
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config["tie_embeddings"])
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config["tie_embeddings"], **special)
         hf_model, keys = transformers.GPT2LMHeadModel(hf_config), _gpt2_keys(config)
     elif arch == "mamba":
         if config["norm"] != "rms":
@@ -256,7 +259,7 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
         hf_config = transformers.MambaConfig(
             vocab_size=vocab, hidden_size=config["d_model"], state_size=config["d_state"], num_hidden_layers=config["n_layer"],
             expand=config["expand"], conv_kernel=config["d_conv"], use_bias=config["bias"], use_conv_bias=config["conv_bias"],
-            time_step_rank=model.backbone.layers[0].mixer.dt_rank, tie_word_embeddings=config["tie_embeddings"])
+            time_step_rank=model.backbone.layers[0].mixer.dt_rank, tie_word_embeddings=config["tie_embeddings"], **special)
         hf_model = transformers.MambaForCausalLM(hf_config)
         keys = _mixer_keys(config, "backbone.", "embeddings.weight", _mixer_params(config))
     elif arch == "mamba2":
@@ -266,7 +269,8 @@ def to_hf(model: SequenceModel, out_dir: str | Path) -> Path:
             vocab_size=vocab, hidden_size=config["d_model"], state_size=config["d_state"],
             num_hidden_layers=config["n_layer"], expand=config["expand"], head_dim=config["headdim"],
             num_heads=config["expand"] * config["d_model"] // config["headdim"], n_groups=config["ngroups"],
-            conv_kernel=config["d_conv"], chunk_size=config["chunk_size"], tie_word_embeddings=config["tie_embeddings"])
+            conv_kernel=config["d_conv"], chunk_size=config["chunk_size"], tie_word_embeddings=config["tie_embeddings"],
+            **special)
         hf_model = transformers.Mamba2ForCausalLM(hf_config)
         keys = _mixer_keys(config, "backbone.", "embeddings.weight", _mixer_params(config))
     else:

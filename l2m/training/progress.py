@@ -17,11 +17,15 @@ class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run: `training steps  450/2000`, the logged progress-bar metrics beside it;
     a resumed run starts at its step."""
 
+    @property
+    def train_description(self) -> str:
+        """The bar's name from its first draw (a bar drawn as "Training" and renamed left that line behind)."""
+        return "training steps"
+
     def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_start(trainer, *args)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.train_progress_bar.reset(total=total)
-        self.train_progress_bar.set_description("training steps")
         self._show(trainer.global_step)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
