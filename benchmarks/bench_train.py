@@ -121,7 +121,7 @@ def train_rows(args, device: torch.device) -> list[list[str]]:
 
 
 def pipeline_rows(args, device: torch.device) -> list[list[str]]:
-    from l2m.data.gaussian_datamodule import GaussianDataModule
+    from l2m.data.gaussian import GaussianDataModule
 
     rows = []
     base = yaml.safe_load((PRESETS / f"{args.models[0]}.yaml").read_text())

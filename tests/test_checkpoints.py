@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONF, REPO
-from l2m.jobs.run import evaluate
+from l2m.data import with_current_target
+from l2m.data.gaussian import GaussianDataModule
+from l2m.jobs.resume import with_defaults
+from l2m.jobs.run import evaluate, instantiate_data
+from l2m.models import read_checkpoint
 
 FIXTURES = REPO / "tests" / "data" / "checkpoints"
 
@@ -37,3 +42,14 @@ def test_a_checkpoint_of_an_earlier_version_evaluates_to_its_recorded_numbers(na
             assert math.isfinite(summary[key])
         elif isinstance(value, int) or value is None:
             assert summary[key] == value, key
+
+
+def test_the_data_of_an_earlier_checkpoint_is_the_same_data_here(compose_train):
+    """gpt.ckpt names its data module by the path it had then (l2m.data.gaussian_datamodule): resuming it
+    under the config that trained it finds no difference, and evaluate builds today's module."""
+    saved = read_checkpoint(FIXTURES / "gpt.ckpt")["hyper_parameters"]["data"]
+    assert saved["_target_"] == "l2m.data.gaussian_datamodule.GaussianDataModule"
+    cfg = compose_train("data.levels=2", "data.copies=4", "data.batch_size=4", "data.val_size=8")
+    here = OmegaConf.to_container(cfg.data, resolve=True)
+    assert with_defaults("data", saved) == with_defaults("data", here)
+    assert type(instantiate_data(with_current_target(saved))) is GaussianDataModule

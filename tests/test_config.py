@@ -14,7 +14,7 @@ from omegaconf.base import UnionNode
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from conftest import CONF, REPO
-from l2m.data.gaussian_datamodule import GaussianDataModule
+from l2m.data.gaussian import GaussianDataModule
 from l2m.jobs.run import instantiate_data
 from l2m.models import build_model
 from l2m.models.adapters import gaussian_kl

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from l2m.mi import fit_power_law
+from l2m.fit import fit_power_law
 
 
 def test_exact_power_law_is_recovered():

@@ -9,7 +9,7 @@ import torch
 from conftest import run_if
 from l2m.data.gaussian import GaussianFamily
 from l2m.data.gaussian.__main__ import main
-from l2m.mi import fit_power_law
+from l2m.fit import fit_power_law
 
 # Spec §2 "Reference values" (one copy, nats): kind, levels, I_BP(L/2; L), I_TP(1, L), σ_L.
 REFERENCE = [

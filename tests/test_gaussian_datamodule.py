@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from l2m.data.gaussian import GaussianFamily
-from l2m.data.gaussian_datamodule import GaussianDataModule
+from l2m.data.gaussian import GaussianDataModule
 
 
 def make_dm(**kw):

@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 
 from conftest import CONF
 from l2m.data.recall import AssociativeRecall
-from l2m.data.recall_datamodule import RecallDataModule
+from l2m.data.recall import RecallDataModule
 from l2m.jobs.run import train
 
 TINY = [(3, 2, 2, 2), (4, 3, 2, 2), (3, 2, 3, 1), (4, 2, 2, 3)]  # (K, V, P, Q)

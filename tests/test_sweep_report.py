@@ -51,11 +51,14 @@ def test_sweep_report_of_a_multirun(multirun, tmp_path):
         assert float(row["i_bp_half"]) == pytest.approx(GaussianFamily(levels, copies=64).bipartite_mi(), rel=1e-9)
         for key in ("avg_kl", "kl_first_quarter", "kl_last_quarter", "initial_avg_kl"):
             assert float(row[key]) == pytest.approx(s[key], rel=1e-12)
+        if s["seq_len"] == 16:  # both states carry all 8·64 directions of the history: exactly no bound
+            assert float(row["bound_half"]) == 0.0
     dim_z = {(r["model"], int(r["seq_len"])): int(r["dim_z"]) for r in rows}
     assert dim_z["tiny-mamba", 16] == dim_z["tiny-mamba", 64] == 2 * 128 * 16  # SSM state only: constant in L
     assert dim_z["tiny-gpt", 64] == 4 * dim_z["tiny-gpt", 16]  # the KV cache grows with L
     assert (tmp_path / "sweep.png").stat().st_size > 20_000
     assert "I_BP/dim(z)" in result.stdout and str(tmp_path / "sweep.png") in result.stdout
+    assert "e-14" not in result.stdout and "e-15" not in result.stdout  # no rounding residue printed as a bound
 
 
 def test_total_state_includes_the_conv_window(multirun, tmp_path):

@@ -16,6 +16,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from l2m.checks import UserError
+from l2m.data import with_current_target
 from l2m.jobs.cluster import requeue, slurm_job_id
 from l2m.models import model_config, read_checkpoint
 from l2m.training.checkpoints import latest_checkpoint, remove_partial_files
@@ -81,6 +82,7 @@ def with_defaults(section: str, config: Mapping[str, Any]) -> dict:
     an earlier version lacks the options added since, and a relative path there is absolute now."""
     if section == "model":
         return {"name": config.get("name"), **dataclasses.asdict(model_config(dict(config)))}
+    config = with_current_target(config)
     parameters = inspect.signature(get_class(config["_target_"])).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     return with_absolute_paths({**defaults, **config})

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2m.checks import BAD_INPUT, UserError, check_device, check_int, one_line_errors
+from l2m.data import with_current_target
 from l2m.data.contract import L2MData, check_data
 from l2m.data.text.hub import looks_like_local_path
 from l2m.evaluation import analyse_state
@@ -208,6 +209,15 @@ def finished_summary(run_dir: Path, step: int, max_steps: int | None) -> dict | 
     return json.loads(summary.read_text())
 
 
+def check_run_length(cfg: DictConfig) -> int:
+    """trainer.max_steps: a step count, or -1 (until stopped; the LR schedule then needs schedule.total_steps).
+    Lightning's own check of a negative count is a traceback from inside fit."""
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps != -1:
+        check_int("trainer.max_steps", max_steps, low=0, what="a step count (or -1: until stopped)")
+    return max_steps
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train per `cfg`; return the run summary (also in <run_dir>/summary.json). With ckpt_path=auto a
     run continues from its directory's newest valid checkpoint, and one that has finished is not
@@ -218,7 +228,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg)
     configured = instantiate_group(cfg.callbacks)
-    max_steps = cfg.trainer.get("max_steps")
+    max_steps = check_run_length(cfg)
     resume = choose_checkpoint(cfg.ckpt_path, checkpoint_directory(configured, run_dir))
     ckpt_path = None
     if resume is not None:
@@ -320,6 +330,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
     """The data config a checkpoint was trained on, updated by the keys given (val_size...): any
     argument of its data module, also those added to it since the checkpoint was written."""
+    trained_on = with_current_target(trained_on)
     options = set(trained_on) | set(data_arguments(trained_on.get("_target_")))
     unknown = sorted(set(overrides) - options)
     if unknown:

@@ -85,8 +85,8 @@ def register_schemas() -> None:
     import lightning as L
     import torch
 
-    from l2m.data.gaussian_datamodule import GaussianDataModule
-    from l2m.data.recall_datamodule import RecallDataModule
+    from l2m.data.gaussian import GaussianDataModule
+    from l2m.data.recall import RecallDataModule
     from l2m.data.text import TextDataModule
     from l2m.models import ARCHITECTURES
     from l2m.training.schedules import warmup_cosine

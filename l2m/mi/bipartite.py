@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from l2m.checks import UserError
-from l2m.mi.fit import fit_power_law
+from l2m.fit import fit_power_law
 from l2m.mi.scorers import Scorer
 
 CORRECTION_WEIGHT = 0.8  # share of h₂ replaced by the corpus 2-gram entropy (spec §5)

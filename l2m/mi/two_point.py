@@ -23,7 +23,7 @@ from scipy.optimize import least_squares
 from l2m.checks import UserError
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy, naive_entropy
-from l2m.mi.fit import fit_power_law, positive_points
+from l2m.fit import fit_power_law, positive_points
 
 ESTIMATORS = {"grassberger": grassberger_entropy, "naive": naive_entropy}
 

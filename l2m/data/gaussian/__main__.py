@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from l2m.mi import fit_power_law
+    from l2m.fit import fit_power_law
 
     parser = argparse.ArgumentParser(
         prog="python -m l2m.data.gaussian", description="Exact MI of the sub-volume and log Gaussian families."

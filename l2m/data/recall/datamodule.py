@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from l2m.data.recall import AssociativeRecall
+from l2m.data.recall.law import AssociativeRecall
 from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation samples never share a generator key

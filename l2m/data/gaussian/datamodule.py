@@ -31,7 +31,7 @@ from functools import partial
 import torch
 
 from l2m.checks import UserError
-from l2m.data.gaussian import GaussianFamily, levels_of_length
+from l2m.data.gaussian.family import GaussianFamily, levels_of_length
 from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key

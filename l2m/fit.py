@@ -1,4 +1,4 @@
-"""Power-law fits in log–log space, shared by the Gaussian family, the MI estimators and reports."""
+"""Power-law fits in log–log space (math only), shared by the Gaussian family, the MI estimators and reports."""
 
 from __future__ import annotations
 
