@@ -129,10 +129,12 @@ def analyse_state(
 
     effective_context: the smallest window k (searched up to `max_window`) whose exact predictor's
     average KL is at most the model's ("as good as a predictor that sees k tokens"; None: more).
-    bound_half / tail_kl_half: the linear-state bound for the model's state at L/2 (its SSM state
-    or KV cache: `SequenceModel.bound_state_size`) and the model's KL summed over positions after L/2.
-    state_limited: tail KL within `tolerance` (relative) of the bound. training_limited: above it by
-    more, while the effective context is at most `context_fraction`·L/2.
+    window_avg_kl: {"k": average KL of the exact window-k predictor} for k = 0 and `windows`.
+    bound_half / tail_kl_half: the linear-state bound for the model's state at the data's
+    `history_split` (its SSM state or KV cache: `SequenceModel.bound_state_size`) and the model's KL
+    summed over the positions after it. state_limited: tail KL within `tolerance` (relative) of the
+    bound. training_limited: above it by more, while the effective context is at most
+    `context_fraction`·split. Both None where the data knows no bound (`state_bound` is None).
     """
     nocontext = data.window_kl(0)
     if nocontext is None or metrics.kl is None:
@@ -140,9 +142,11 @@ def analyse_state(
     seq_len = len(metrics.kl)
     kl = metrics.kl
     references = {"kl_nocontext": nocontext}
+    window_avg_kl = {"0": float(nocontext.mean())}
     for k in sorted(set(windows)):
         if 1 <= k < seq_len:
             references[f"kl_window{k}"] = data.window_kl(k)
+            window_avg_kl[str(k)] = float(references[f"kl_window{k}"].mean())
     model_avg = float(kl.mean())
     searched = min(max_window, seq_len - 1)
     data.window_kl(searched)  # every smaller window comes with it
@@ -150,20 +154,27 @@ def analyse_state(
 
     tail_kl = kl.flip(0).cumsum(0).flip(0).roll(-1)  # tail_kl[i-1] = Σ_{j>i} KL_j (1-based i)
     tail_kl[-1] = 0.0
+    half = data.history_split
     tail_bound = torch.full((seq_len,), float("nan"), dtype=torch.float64)
-    for split in splits_grid(seq_len, bound_splits):
-        tail_bound[split - 1] = data.state_bound(model.bound_state_size(split), split)
-    half = seq_len // 2
+    for split in sorted(set(splits_grid(seq_len, bound_splits)) | {half}):
+        bound = data.state_bound(model.bound_state_size(split), split)
+        tail_bound[split - 1] = float("nan") if bound is None else bound
     bound_half, tail_half = float(tail_bound[half - 1]), float(tail_kl[half - 1])
-    above = tail_half > (1 + tolerance) * bound_half + 1e-9
+    verdicts = {"state_limited": None, "training_limited": None}
+    if not math.isnan(bound_half):
+        above = tail_half > (1 + tolerance) * bound_half + 1e-9
+        verdicts = {
+            "state_limited": bool(abs(tail_half - bound_half) <= tolerance * bound_half + 1e-9),
+            "training_limited": bool(above and effective is not None and effective <= context_fraction * half),
+        }
     summary = {
         "effective_context": effective,
         "effective_context_searched_up_to": searched,
+        "window_avg_kl": window_avg_kl,
         "dim_z_half_bound": int(model.bound_state_size(half)),
-        "bound_half": bound_half,
+        "bound_half": None if math.isnan(bound_half) else bound_half,
         "tail_kl_half": tail_half,
-        "state_limited": bool(abs(tail_half - bound_half) <= tolerance * bound_half + 1e-9),
-        "training_limited": bool(above and effective is not None and effective <= context_fraction * half),
+        **verdicts,
         "verdict_tolerance": tolerance,
     }
     return StateAnalysis(references, tail_kl, tail_bound, summary)

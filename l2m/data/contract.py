@@ -1,8 +1,11 @@
 """What l2m's training, callbacks and reports ask of a data module: the `L2MData` protocol.
 
-GaussianDataModule and TextDataModule implement it; a new task is a DataModule that does (and,
-for a new kind of token, one pair of adapters in l2m.models.adapters). Batches follow the
-adapters' contract: BOS + L tokens under the input adapter's key, plus what its loss reads.
+The Gaussian, recall and text DataModules subclass it; a new task is a DataModule that does (and,
+for a new kind of token, one pair of adapters in l2m.models.adapters). A subclass inherits the
+defaults below (the state measured at L/2, no answer positions, ...) and overrides what its task
+knows better; the generic layers (callbacks, reports, the sweep, resume) read these members and
+nothing else, never the task's name. Batches follow the adapters' contract: BOS + L tokens under
+the input adapter's key, plus what its loss reads.
 """
 
 from __future__ import annotations
@@ -16,17 +19,34 @@ from l2m.checks import UserError
 
 @runtime_checkable
 class L2MData(Protocol):
-    task: str  # a label for summaries and reports ("gaussian", "text"); nothing branches on it
+    task: str  # a label for summaries and reports ("gaussian", "recall", "text"); nothing branches on it
     seq_len: int  # L: predicted positions per sequence
-    # Optional: history_split, the split where dim(z) meets I_BP (default L/2; recall: the end of
-    # the pairs); answer_positions(), (L,) bool positions whose top-1 accuracy summaries report;
-    # length_options, the options that set L, for error messages (default "data.seq_len").
+    history_split_label: str = "L/2"  # how reports name `history_split`
+    length_options: str = "data.seq_len"  # the options that set L, for error messages
+    # Options that change how the data is read, not what is trained (free to change on resume), and
+    # options that may name a local path (kept absolute in checkpoints, which are read from anywhere).
+    runtime_options: tuple[str, ...] = ("num_workers", "epoch_size")
+    path_options: tuple[str, ...] = ()
+
+    @property
+    def history_split(self) -> int:
+        """The split where the history state is measured against I_BP (dim(z), i_bp_half): L/2."""
+        return self.seq_len // 2
+
+    def reference_family(self) -> str:
+        """What fixes the exact references besides L: runs that share it and L share their window-k
+        curves (the sweep draws them once)."""
+        return self.task
+
+    def answer_positions(self) -> Tensor | None:
+        """(L,) bool positions where the state is tested (their KL and top-1 accuracy are reported); None: none."""
+        return None
 
     def io_config(self) -> dict:
         """The token kind the model must read and write, e.g. {"kind": "gaussian", "dim": 64}."""
 
     def bipartite_mi_half(self) -> float | None:
-        """Exact I_BP(L/2; L) in nats per sequence, None where unknown (natural text)."""
+        """Exact I_BP at `history_split` in nats per sequence, None where unknown (natural text)."""
 
     def nll_floor(self) -> Tensor | None:
         """(L,) exact H_p(W_i | W_<i) in nats per token, None where unknown; with it KL_i = NLL_i - floor_i."""
@@ -46,16 +66,17 @@ class L2MData(Protocol):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
 
 
+_MEMBERS = ("task", "seq_len", "history_split", "history_split_label", "length_options", "runtime_options",
+            "path_options", "reference_family", "answer_positions", "io_config", "bipartite_mi_half", "nll_floor",
+            "window_kl", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
+
+
 def check_data(datamodule: object) -> L2MData:
-    """`datamodule` if it implements L2MData, else a ValueError naming what it lacks."""
-    missing = [name for name in ("task", "seq_len", *_METHODS) if not hasattr(datamodule, name)]
+    """`datamodule` if it implements L2MData, else a UserError naming what it lacks."""
+    missing = [name for name in _MEMBERS if not hasattr(datamodule, name)]
     if missing:
         raise UserError(
-            f"{type(datamodule).__qualname__} is not an l2m data module: it lacks {missing} "
-            "(see l2m.data.contract.L2MData)"
+            f"{type(datamodule).__qualname__} is not an l2m data module: it lacks {missing}; subclass "
+            "l2m.data.contract.L2MData (beside LightningDataModule) for the defaults of all but the task's own"
         )
     return datamodule
-
-
-_METHODS = ("io_config", "bipartite_mi_half", "nll_floor", "window_kl", "state_bound", "val_dataloader",
-            "on_before_batch_transfer", "on_after_batch_transfer")

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from l2m.checks import UserError, check_ints
+from l2m.data.contract import L2MData
 
 
 def keyed_generator(*key: int) -> torch.Generator:
@@ -99,7 +100,7 @@ class ResumableLoader(DataLoader):
         self.dataset.start = int(state_dict["batches_served"])
 
 
-class StreamDataModule(L.LightningDataModule):
+class StreamDataModule(L.LightningDataModule, L2MData):
     """Base DataModule: a resumable train stream per rank and a validation set sharded by rank.
 
     Subclasses set `batch_size`, `num_workers`, `epoch_size` and define `train_stream`,

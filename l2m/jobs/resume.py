@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from l2m.checks import UserError
 from l2m.data import with_current_target
+from l2m.data.contract import L2MData
 from l2m.jobs.cluster import requeue, slurm_job_id
 from l2m.models import model_config, read_checkpoint
 from l2m.training.checkpoints import latest_checkpoint, remove_partial_files
@@ -24,10 +25,8 @@ from l2m.training.preemption import Preempted
 
 AUTO = "auto"
 # Keys that change how a run executes or reads its data, not what it trains: free to change on resume.
+# (A data module says its own: L2MData.runtime_options.)
 RUNTIME_MODEL_KEYS = ("name", "backend", "chunk_size")
-RUNTIME_DATA_KEYS = ("num_workers", "cache_dir", "progress", "streaming", "epoch_size")
-# Data options that may name a local path: kept absolute in the checkpoint, which is read from anywhere.
-PATH_KEYS = ("source", "tokenizer")
 # Exit status of a run stopped by a signal, as a shell reports a process killed by it (128 + number).
 SIGNAL_EXIT_BASE = 128
 
@@ -67,10 +66,22 @@ def choose_checkpoint(requested: str | None, checkpoint_dir: Path) -> tuple[Path
     return latest_checkpoint(checkpoint_dir)
 
 
+def data_option(data: Mapping[str, Any], name: str) -> Any:
+    """A class attribute of L2MData (runtime_options, path_options, ...) as the data module that `data`
+    configures sets it; the contract's default where it cannot be imported (building it says why)."""
+    try:
+        datamodule = get_class(with_current_target(dict(data))["_target_"])
+    except Exception:  # noqa: BLE001  ImportError, ValueError, KeyError: reported when it is built
+        datamodule = L2MData
+    return getattr(datamodule, name, getattr(L2MData, name))
+
+
 def with_absolute_paths(data: Mapping[str, Any]) -> dict:
     """The data config with its local paths (those that exist here) made absolute."""
+    paths = data_option(data, "path_options")
+
     def absolute(key: str, value: Any) -> Any:
-        if key in PATH_KEYS and isinstance(value, str) and Path(value).expanduser().exists():
+        if key in paths and isinstance(value, str) and Path(value).expanduser().exists():
             return str(Path(value).expanduser().absolute())
         return value
 
@@ -92,7 +103,8 @@ def training_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     """What a checkpoint's training-module arguments and this run's disagree on, in the model or the
     data: keys that change what is trained (runtime keys are free to change)."""
     differences = []
-    for section, free in (("model", RUNTIME_MODEL_KEYS), ("data", RUNTIME_DATA_KEYS)):
+    runtime_data = {key for config in (saved, current) for key in data_option(config.get("data") or {}, "runtime_options")}
+    for section, free in (("model", RUNTIME_MODEL_KEYS), ("data", runtime_data)):
         old, new = (with_defaults(section, config.get(section) or {}) for config in (saved, current))
         if old.get("arch") != new.get("arch"):  # another architecture: its options say nothing more
             old, new = {"arch": old.get("arch")}, {"arch": new.get("arch")}

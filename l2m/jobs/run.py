@@ -39,8 +39,8 @@ from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ use
 from l2m.jobs import schemas  # noqa: F401  (stores the schemas conf/ inherits, before Hydra composes it)
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
-from l2m.jobs.resume import (AUTO, PATH_KEYS, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path,
-                             choose_checkpoint, stopped_by_signal, with_absolute_paths)
+from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
+                             data_option, stopped_by_signal, with_absolute_paths)
 from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
@@ -310,10 +310,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise UserError(f"the model reads {model.io}, but the data gives {datamodule.io_config()}")
     positions = getattr(model, "max_positions", None)
     if positions is not None and datamodule.seq_len > positions:
-        options = getattr(datamodule, "length_options", "data.seq_len")
         raise UserError(f"the model has learned positions for {positions} tokens, but the data gives L = "
-                         f"{datamodule.seq_len}: evaluate it at L <= {positions} ({options}), or train a model "
-                         "with model.positional=rotary, which holds any length")
+                         f"{datamodule.seq_len}: evaluate it at L <= {positions} ({datamodule.length_options}), "
+                         "or train a model with model.positional=rotary, which holds any length")
     datamodule.prepare_data()
     datamodule.setup("validate")
 
@@ -339,7 +338,7 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
             f"it takes: {', '.join(sorted(k for k in options if not k.startswith('_')))}"
         )
     data = {**trained_on, **overrides}
-    for key in PATH_KEYS:
+    for key in data_option(data, "path_options"):
         value = data.get(key)
         if isinstance(value, str) and looks_like_local_path(value) and not Path(value).expanduser().exists():
             raise FileNotFoundError(f"the checkpoint's data.{key}={value} is not found from {Path.cwd()}: give its place "

@@ -115,11 +115,19 @@ def plot_positionwise(
     fig.savefig(path, dpi=120)
 
 
+# What the table shows of a summary besides its scalars: identifiers, curves, and settings.
+NOT_SHOWN = {"task", "reference_family", "history_split", "history_split_label", "num_sequences",
+             "heldout_history", "window_avg_kl", "effective_context_searched_up_to", "verdict_tolerance",
+             "dim_z_half_bound", "avg_nll_floor", "nll_floor_first_quarter", "nll_floor_last_quarter", "step"}
+
+
 def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
-    """The short table a run ends with, and where its files are."""
+    """The short table a run ends with, and where its files are: the headline numbers first, then every
+    other scalar the run's evaluation wrote (a new metric shows up without an edit here)."""
     from rich.console import Console
     from rich.table import Table
 
+    split = summary.get("history_split_label", "L/2")
     keys = ["model", "params", "seq_len", "dim_z_half", "i_bp_half", "ratio"]
     measured = "KL" if summary.get("avg_kl") is not None else "NLL"  # text: the KL is unknown
     if measured == "KL":
@@ -128,23 +136,24 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
     keys += [key for key in ("answer_kl", "answer_accuracy", "effective_context", "tail_kl_half", "bound_half",
                              "state_limited", "training_limited", "still_falling") if key in summary]
+    shown = set(keys) | NOT_SHOWN | {k for k in summary if k.startswith(("avg_", "initial_", "kl_", "nll_"))}
+    keys += [key for key, value in summary.items()
+             if key not in shown and (value is None or isinstance(value, (int, float, str)))]
     labels = {
         "params": "parameters",
         "seq_len": "L",
-        "dim_z_half": "dim(z_{L/2})",
-        "i_bp_half": "I_BP(L/2;L) \\[nats]",  # escaped: rich reads a bare [nats] as markup and drops it
+        "dim_z_half": f"dim(z) at {split}",
+        "i_bp_half": f"I_BP at {split} \\[nats]",  # escaped: rich reads a bare [nats] as markup and drops it
         "ratio": "I_BP / dim(z)",
         "avg_kl_se": "avg_kl SE (sequences)",
         "avg_nll_se": "avg_nll SE (sequences)",
         "effective_context": "effective context (tokens)",
-        "tail_kl_half": "KL after L/2 (sum)",
-        "bound_half": "linear-state bound after L/2",
+        "tail_kl_half": f"KL after {split} (sum)",
+        "bound_half": f"linear-state bound after {split}",
         "answer_kl": "KL on the answers",
         "answer_accuracy": "answer accuracy (top-1)",
         "still_falling": "still improving (last 20%)",
     }
-    if summary.get("task") == "recall":  # the state is measured where the pairs end, not at L/2
-        labels.update(dim_z_half="dim(z) at the end of the pairs", i_bp_half="I_BP there \\[nats]")
     table = Table(title=f"L²M run summary (nats; {measured} per token)")
     table.add_column("quantity")
     table.add_column("value", justify="right")

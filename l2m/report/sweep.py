@@ -192,13 +192,26 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "state_limited": s.get("state_limited"),
             "training_limited": s.get("training_limited"),
             "converged": None if s.get("still_falling") is None else not s["still_falling"],
-            "_task": s.get("task"),
+            "_split": s.get("history_split_label", "L/2"),
+            "_references": (s.get("reference_family"), s["seq_len"], s.get("window_avg_kl")),
             "_group": _seedless(record),
-            "_data": _data_config(record),
             "_history": record.history,
         })
+        rows[-1].update(_more_numbers(s, rows[-1]))
     rows.sort(key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
     return average_seeds(rows), skipped
+
+
+# Summary keys that are not columns: lists, curves, identifiers, and what other columns hold.
+NOT_COLUMNS = {"task", "reference_family", "history_split_label", "heldout_history", "window_avg_kl", "dim_z_half",
+               "step", "still_falling", "ckpt_path"}
+
+
+def _more_numbers(summary: dict, row: dict) -> dict:
+    """The summary's scalars that the columns do not already hold (the state's parts, a new metric...):
+    columns of sweep.csv too, so a metric the evaluation adds reaches the report without an edit here."""
+    return {k: v for k, v in summary.items()
+            if k not in row and k not in NOT_COLUMNS and (v is None or isinstance(v, (bool, int, float)))}
 
 
 def _varying(configs: list[dict], arch: str | None) -> list[str]:
@@ -228,8 +241,8 @@ def average_seeds(rows: list[dict]) -> list[dict]:
             merged.append(group[0])
             continue
         row = dict(group[0])
-        for key in COLUMNS:
-            values = [r[key] for r in group]
+        for key in [k for k in row if not k.startswith("_")]:
+            values = [r.get(key) for r in group]
             if all(isinstance(v, bool) for v in values):
                 row[key] = values[0] if len(set(values)) == 1 else None
             elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -274,24 +287,20 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
 
 
 def window_references(rows: list[dict]) -> dict[tuple, dict[int, float]]:
-    """Average KL of the exact best window-k predictors for every (kind, copies, L) in the sweep."""
-    from l2m.data.gaussian import GaussianFamily, levels_of_length  # torch: only for the references
-
+    """Average KL of the exact best window-k predictors for every (reference family, L) in the sweep, as
+    the runs' evaluations wrote them (`window_avg_kl`; none where the data has no exact references)."""
     refs = {}
     for row in rows:
-        data = row["_data"]
-        if not data.get("copies") or "levels" not in data:
-            continue
-        key = (data.get("kind", "subvolume"), data["copies"], row["seq_len"])
-        if key not in refs:
-            family = GaussianFamily(levels_of_length(row["seq_len"]), key[0], key[1])
-            refs[key] = {k: float(family.window_kl(k).mean()) for k in WINDOWS if k < row["seq_len"]}
+        family, length, averages = row["_references"]
+        if averages:
+            refs.setdefault((family, length), {int(k): v for k, v in averages.items() if int(k) in WINDOWS})
     return refs
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    more = sorted({k for row in rows for k in row if k not in COLUMNS and not k.startswith("_")})
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *more], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -306,6 +315,11 @@ def _log_axes(*axes) -> None:
                 axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
         ax.grid(True, which="both", alpha=0.3)
         ax.margins(0.1)
+
+
+def split_label(rows: list[dict]) -> str:
+    """Where the runs' history states were measured, as their data names it ("L/2", "the end of the pairs")."""
+    return " / ".join(sorted({r["_split"] for r in rows}))
 
 
 def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict | None = None,
@@ -328,10 +342,10 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
                               xytext=(4, 4), fontsize=7, color=style["color"])
         bounded = [r for r in runs if r.get("bound_half") is not None and r.get("tail_kl_half") is not None]
         ax_bound.plot([r["bound_half"] for r in bounded], [r["tail_kl_half"] for r in bounded], ls="none", **style)
-    by_family: dict[tuple, list] = defaultdict(list)
-    for (kind, copies, length), curve in sorted((references or {}).items()):
-        by_family[(kind, copies)].append((length, curve))
-    for (kind, copies), points in sorted(by_family.items()):
+    by_family: dict[str, list] = defaultdict(list)
+    for (family, length), curve in sorted((references or {}).items(), key=lambda item: (str(item[0][0]), item[0][1])):
+        by_family[str(family)].append((length, curve))
+    for points in by_family.values():
         for k in WINDOWS:
             xs = [length for length, curve in points if k in curve]
             ax_len.plot(xs, [curve[k] for length, curve in points if k in curve], ls=":", marker="_", ms=12, lw=1,
@@ -343,8 +357,8 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     ax_len.set_xlabel("sequence length L")
     ax_len.set_xscale("log", base=2)
     ax_ratio.set_xscale("log")
-    split = "end of the pairs" if any(r["_task"] == "recall" for r in rows) else "L/2"
-    ax_ratio.set_xlabel(f"$I_{{BP}}$ / dim($z$) at the {split}   [{what}]")
+    split = split_label(rows)
+    ax_ratio.set_xlabel(f"$I_{{BP}}$ / dim($z$) at {split}   [{what}]")
     metrics = "; ".join(
         f"{arch}: R²(ratio) {format_number(m['r2_ratio'])}, R²(L) {format_number(m['r2_length'])}"
         for arch, m in (collapse or {}).items()
@@ -362,8 +376,8 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     else:
         ax_bound.text(0.5, 0.5, "no linear-state bound for this data\n(the Gaussian task has one)",
                       ha="center", va="center", transform=ax_bound.transAxes, fontsize=9, color="gray")
-    ax_bound.set_xlabel("linear-state bound after L/2 (nats)")
-    ax_bound.set_ylabel("model's KL after L/2 (nats)")
+    ax_bound.set_xlabel(f"linear-state bound after {split} (nats)")
+    ax_bound.set_ylabel(f"model's KL after {split} (nats)")
     for ax in (ax_len, ax_ratio, ax_bound) if bounded else (ax_len, ax_ratio):
         ax.legend(fontsize=7)
     _log_axes(ax_len, ax_ratio, ax_bound)
@@ -440,7 +454,7 @@ TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_
          ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
          ("avg_kl_per_copy", "KL/copy"), ("answer_kl", "answer KL"), ("answer_accuracy", "answer acc."),
          ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
-         ("effective_context", "eff. context"), ("tail_kl_half", "KL after L/2"), ("bound_half", "bound"),
+         ("effective_context", "eff. context"), ("tail_kl_half", "KL after split"), ("bound_half", "bound"),
          ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged")]
 
 
@@ -463,8 +477,9 @@ def write_report(rows: list[dict], records: list[RunRecord], collapse: dict, fig
                  path: Path, state: str) -> None:
     lines = ["# L²M sweep report", "",
              f"{len(records)} run directories; {len(rows)} rows (runs differing only in seed averaged); "
-             f"dim(z) = {'SSM state / KV cache' if state == 'ssm' else 'whole history state'}. KL in nats per "
-             "token (summed over copies), bound and KL after L/2 summed over positions.", ""]
+             f"dim(z) = {'SSM state / KV cache' if state == 'ssm' else 'whole history state'}, and I_BP, at "
+             f"{split_label(rows)}. KL in nats per token (summed over copies), bound and KL after the split "
+             "summed over positions.", ""]
     lines += [f"![{name}]({p.name})" for name, p in figures.items()]
     lines += ["", "## Runs", "", markdown_table(rows), "", "## Collapse (log KL against log I_BP/dim(z))", "",
               "| architecture | runs | R² on log ratio | R² on log L | R² on both |", "|---|---|---|---|---|"]

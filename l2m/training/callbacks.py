@@ -15,6 +15,7 @@ import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
+from l2m.data.contract import L2MData
 from l2m.evaluation import Positionwise, StateAnalysis, analyse_state, convergence, evaluate_positionwise
 from l2m.report.run import positionwise_rows, write_outputs
 
@@ -31,14 +32,16 @@ def heldout_batches(datamodule: L.LightningDataModule, device: Any) -> Iterator:
         yield datamodule.on_after_batch_transfer(batch, 0)
 
 
-def history_state_summary(model: Any, datamodule: Any) -> dict[str, Any]:
-    """dim(z) (total and parts) at the data's split (`history_split`: L/2, or the end of the pairs for
-    recall), the data's I_BP there and their ratio (paper Fig. 3c). Keys keep the name "_half"."""
-    half = getattr(datamodule, "history_split", datamodule.seq_len // 2)
+def history_state_summary(model: Any, datamodule: L2MData) -> dict[str, Any]:
+    """dim(z) (total and parts) at the data's `history_split` (L/2 unless the task says otherwise), the
+    data's I_BP there and their ratio (paper Fig. 3c). Keys keep the name "_half"."""
+    half = datamodule.history_split
     dim_z = model.history_state_size(half)
     i_bp = datamodule.bipartite_mi_half()
     parts = {f"dim_z_half_{name}": int(n) for name, n in model.history_state_breakdown(half).items()}
     return {
+        "history_split": int(half),
+        "history_split_label": datamodule.history_split_label,
         "dim_z_half": int(dim_z),
         **parts,
         "i_bp_half": None if i_bp is None else float(i_bp),
@@ -81,6 +84,7 @@ def run_summary(
     return {
         "model": model_name,
         "task": datamodule.task,
+        "reference_family": datamodule.reference_family(),
         "params": int(model.num_params()),
         "seq_len": int(datamodule.seq_len),
         "step": int(step),
@@ -93,12 +97,12 @@ def run_summary(
     }
 
 
-def _answer_metrics(metrics: Positionwise, datamodule: Any) -> dict[str, float]:
+def _answer_metrics(metrics: Positionwise, datamodule: L2MData) -> dict[str, float]:
     """For data with answer positions (associative recall): the KL and top-1 accuracy averaged over
     them, where the history state is what is tested."""
-    if not hasattr(datamodule, "answer_positions") or "accuracy" not in metrics.extra:
-        return {}
     answers = datamodule.answer_positions()
+    if answers is None or "accuracy" not in metrics.extra:
+        return {}
     return {
         "answer_kl": float(metrics.kl[answers].mean()),
         "answer_accuracy": float(metrics.extra["accuracy"][answers].mean()),

@@ -88,6 +88,9 @@ class GaussianDataModule(DrawnDataModule):
     def io_config(self) -> dict:
         return {"kind": "gaussian", "dim": self.family.copies}
 
+    def reference_family(self) -> str:
+        return f"gaussian {self.family.kind} ×{self.family.copies}"
+
     def bipartite_mi_half(self) -> float:
         """Exact I_BP(L/2; L) in nats per sequence (all copies)."""
         return self.family.bipartite_mi()

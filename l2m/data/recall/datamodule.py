@@ -40,6 +40,7 @@ class RecallDataModule(DrawnDataModule):
     """MQAR with K keys, V values, P pairs and Q queries (L = 2P + 2Q); see l2m.data.recall."""
 
     task = "recall"
+    history_split_label = "the end of the pairs"
     length_options = "data.num_pairs and data.num_queries: L = 2P + 2Q"
 
     def __init__(
@@ -61,10 +62,14 @@ class RecallDataModule(DrawnDataModule):
         self._set_stream(batch_size, seed, val_size, val_seed, num_workers, epoch_size)
         self.save_hyperparameters()
         self.seq_len = self.recall.seq_len
-        self.history_split = self.recall.pairs_end  # the state must carry the pairs to the queries
         self.answer_loss_only = answer_loss_only
 
     # ---- what the training code asks about the data ----
+
+    @property
+    def history_split(self) -> int:
+        """The end of the pairs: the state must carry them to the queries."""
+        return self.recall.pairs_end
 
     def io_config(self) -> dict:
         return {"kind": "discrete", "vocab_size": self.recall.vocab_size}

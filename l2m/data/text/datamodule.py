@@ -110,6 +110,8 @@ class TextDataModule(StreamDataModule):
     """
 
     task = "text"
+    runtime_options = ("num_workers", "epoch_size", "cache_dir", "progress", "streaming")
+    path_options = ("source", "tokenizer")
 
     def __init__(
         self,
