@@ -66,14 +66,25 @@ def choose_checkpoint(requested: str | None, checkpoint_dir: Path) -> tuple[Path
     return latest_checkpoint(checkpoint_dir)
 
 
+def data_class(data: Mapping[str, Any]) -> type:
+    """The data module class that `data` configures (a moved `_target_` mapped); L2MData where it cannot
+    be imported (building it says why)."""
+    try:
+        return get_class(with_current_target(dict(data))["_target_"])
+    except Exception:  # noqa: BLE001  ImportError, ValueError, KeyError: reported when it is built
+        return L2MData
+
+
 def data_option(data: Mapping[str, Any], name: str) -> Any:
     """A class attribute of L2MData (runtime_options, path_options, ...) as the data module that `data`
-    configures sets it; the contract's default where it cannot be imported (building it says why)."""
-    try:
-        datamodule = get_class(with_current_target(dict(data))["_target_"])
-    except Exception:  # noqa: BLE001  ImportError, ValueError, KeyError: reported when it is built
-        datamodule = L2MData
-    return getattr(datamodule, name, getattr(L2MData, name))
+    configures sets it; the contract's default where it does not."""
+    return getattr(data_class(data), name, getattr(L2MData, name))
+
+
+def data_arguments(data: Mapping[str, Any]) -> list[str]:
+    """The keyword arguments of the data module that `data` configures (none where it cannot be imported)."""
+    parameters = inspect.signature(data_class(data)).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def with_absolute_paths(data: Mapping[str, Any]) -> dict:

@@ -8,7 +8,6 @@ groups name by `_target_`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -40,7 +39,7 @@ from l2m.jobs import schemas  # noqa: F401  (stores the schemas conf/ inherits, 
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
-                             data_option, stopped_by_signal, with_absolute_paths)
+                             data_arguments, data_option, stopped_by_signal, with_absolute_paths)
 from l2m.models import load_checkpoint, load_pretrained
 from l2m.report.run import print_summary, write_outputs
 from l2m.training.callbacks import PositionwiseCallback, evaluate_heldout, model_name, run_summary
@@ -330,7 +329,7 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
     """The data config a checkpoint was trained on, updated by the keys given (val_size...): any
     argument of its data module, also those added to it since the checkpoint was written."""
     trained_on = with_current_target(trained_on)
-    options = set(trained_on) | set(data_arguments(trained_on.get("_target_")))
+    options = set(trained_on) | set(data_arguments(trained_on))
     unknown = sorted(set(overrides) - options)
     if unknown:
         raise UserError(
@@ -344,16 +343,6 @@ def _trained_on_data(trained_on: dict, overrides: dict) -> dict:
             raise FileNotFoundError(f"the checkpoint's data.{key}={value} is not found from {Path.cwd()}: give its place "
                                     f"here, data.{key}=<path>")
     return data
-
-
-def data_arguments(target: str | None) -> list[str]:
-    """The keyword arguments of the data module `target` names (none where it cannot be imported:
-    instantiating it says why)."""
-    try:
-        parameters = inspect.signature(get_class(target)).parameters.values()
-    except Exception:  # noqa: BLE001  ImportError, ValueError, TypeError: reported when it is built
-        return []
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _hf_model_and_data(path_or_id: str, overrides: dict) -> tuple:
