@@ -35,11 +35,9 @@ def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess
 
 def model_preset(name: str) -> dict:
     """conf/model/<name>.yaml as train.py composes it: its schema's defaults under the preset's values."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from l2m.jobs.composition import model_preset as composed_preset
 
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)
+    return composed_preset(name, CONF)
 
 
 @pytest.fixture
@@ -83,7 +81,7 @@ def assert_same_training_pass(reference, other, x, out_tol: float, grad_tol: flo
     gradient, the same gradient for every parameter."""
     import torch
 
-    y, y_other = reference(x), other(x)
+    (y, _), (y_other, _) = reference(x), other(x)
     torch.testing.assert_close(y_other, y, rtol=out_tol, atol=out_tol)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
     y.backward(g)

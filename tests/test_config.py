@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import UnionNode
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
@@ -44,6 +44,8 @@ def _another_value(cfg: DictConfig, key: str) -> tuple[str, object]:
     """(override text, composed value) of a value of cfg[key]'s type that differs from its own."""
     node, value = cfg._get_node(key), cfg[key]
     if isinstance(node, ListConfig):
+        if node._metadata.element_type is str:  # a hybrid's layers
+            return "[mamba,mamba2]", ["mamba", "mamba2"]
         return "[0.5,0.25]", [0.5, 0.25]
     if isinstance(node, BooleanNode):
         return str(not value).lower(), not value
@@ -58,8 +60,9 @@ def _another_value(cfg: DictConfig, key: str) -> tuple[str, object]:
     return str(value + 3), value + 3  # Any holding a number (trainer.devices)
 
 
-# Fields that are not options of the group (its _target_, the arch a model preset is of).
-NOT_OPTIONS = {"arch"}
+# Fields that are not options of the group (its _target_, the arch a model preset is of), and a
+# hybrid's per-mixer options, a mapping overridden key by key (test_a_hybrids_pattern_and_mixer_options_...).
+NOT_OPTIONS = {"arch", "mixers"}
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optim", "schedule", "trainer"])
@@ -87,6 +90,16 @@ def test_the_readme_model_overrides_compose_and_build(compose_train):
     assert mamba.backbone.config.norm == "layer" and isinstance(mamba.backbone.norm_f, torch.nn.LayerNorm)
 
 
+def test_a_hybrids_pattern_and_mixer_options_are_overrides(compose_train):
+    cfg = compose_train("model=tiny-hybrid", "model.layers=[mamba,attention,attention,mamba2]", "model.n_layer=4",
+                        "+model.mixers.attention.window=8", "+model.mixers.mamba={d_state:4}")
+    model = build_model(OmegaConf.to_container(cfg.model), io={"kind": "gaussian", "dim": 3}, max_seq_len=16)
+    mixers = [type(layer.mixer).__name__ for layer in model.backbone.layers]
+    assert mixers == ["Mamba", "CausalSelfAttention", "CausalSelfAttention", "Mamba2"]
+    assert model.backbone.layers[0].mixer.config.d_state == 4 and model.backbone.layers[1].mixer.window == 8
+    assert model.receptive_field is None and model.backbone.layers[2].mixer.n_head == 4
+
+
 def train_py(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -98,7 +111,7 @@ def train_py(*overrides: str) -> subprocess.CompletedProcess:
                           "model.n_layer takes int"),
     ("optim.momentum=0.9", "error: optim.momentum is not a key of optim (AdamW); the keys there: lr, betas, eps"),
     ("data.num_paris=8", "error: data.num_paris is not a key of data (GaussianDataModule); the keys there: levels"),
-    ("model=gpt5", "error: model/gpt5 is not a config: the options of model are fig3-gpt, fig3-mamba"),
+    ("model=gpt5", "error: model/gpt5 is not a config: the options of model are deltanet-130m, fig3-gpt, fig3-mamba"),
 ])
 def test_a_wrong_override_is_one_line_naming_the_key_and_the_allowed_ones(override, message):
     result = train_py(override)

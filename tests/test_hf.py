@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from conftest import CONF, REPO  # noqa: E402
 from l2m.jobs.run import evaluate, train  # noqa: E402
-from l2m.models import load_checkpoint  # noqa: E402
+from l2m.models import build_model, load_checkpoint  # noqa: E402
 from l2m.models.hf import from_hf, to_hf  # noqa: E402
 
 VOCAB = 61
@@ -152,6 +152,21 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path):
     gaussian = subprocess.run([sys.executable, "-m", "l2m.export", str(ckpt.with_name("mamba.ckpt")), str(tmp_path / "g")],
                               capture_output=True, text=True, timeout=120)
     assert gaussian.returncode == 1 and "only discrete-token models" in gaussian.stderr
+
+
+@pytest.mark.parametrize("arch, match", [
+    ("gpt-window", "GPT2LMHeadModel attends to the whole context: this GPT's sliding window of 3"),
+    ("linear-attention", "architecture 'linear_attention' has no transformers counterpart; exportable: gpt, mamba, mamba2"),
+    ("gated-deltanet", "architecture 'deltanet' has no transformers counterpart"),
+    ("hybrid", "architecture 'hybrid' has no transformers counterpart"),
+])
+def test_export_refuses_what_transformers_cannot_hold_in_one_line(arch, match, tmp_path):
+    from test_models import CONFIGS
+
+    model = build_model(CONFIGS[arch], {"kind": "discrete", "vocab_size": VOCAB}, max_seq_len=16)
+    with pytest.raises(ValueError, match=match) as error:
+        to_hf(model, tmp_path / "out")
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
 def test_init_from_an_l2m_checkpoint_says_what_replaced_the_preset(tmp_path, caplog):

@@ -115,7 +115,7 @@ def step_by_step(m, u):
 def test_step_mode_equals_forward(T):
     m = small_mixer()
     u = torch.randn(2, T, 32, dtype=torch.float64)
-    torch.testing.assert_close(step_by_step(m, u), m(u), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(step_by_step(m, u), m(u)[0], rtol=1e-10, atol=1e-10)
 
 
 def test_cpu_block_length_leaves_the_result_unchanged():
@@ -123,7 +123,7 @@ def test_cpu_block_length_leaves_the_result_unchanged():
     m = small_mixer(chunk_size=256)
     T = 3 * CPU_CHUNK_SIZE + 5
     u = torch.randn(1, T, 32, dtype=torch.float64)
-    torch.testing.assert_close(m(u), step_by_step(m, u), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m(u)[0], step_by_step(m, u), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n_past", [0, 1, 5, 40])
@@ -133,7 +133,7 @@ def test_state_numel_equals_breakdown(n_past):
     with torch.no_grad():
         for _ in range(n_past):
             _, state = m.step(torch.randn(1, 64), state)
-    breakdown = m.state_breakdown()
+    breakdown = m.state_size(n_past)
     assert sum(s.numel() for s in state) == sum(breakdown.values())
     conv_dim = 128 + 2 * 2 * 16
     assert breakdown == {"ssm": 8 * 16 * 16, "conv": conv_dim * 3}  # spec §3
@@ -157,7 +157,7 @@ def test_parameters_match_mamba_ssm_mamba2_130m():
     }
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected
     assert m.norm.group_size == d_inner  # ngroups=1
-    assert m.state_breakdown() == {"ssm": 24 * 64 * 128, "conv": conv_dim * 3}
+    assert m.state_size(0) == {"ssm": 24 * 64 * 128, "conv": conv_dim * 3}
     # 24 such layers + embedding 50,280 x 768 + a 768 norm per layer and at the end ~ 129M of "130m"
     per_layer = sum(math.prod(s) for s in expected.values()) + 768
     assert 125e6 < 24 * per_layer + 50280 * 768 + 768 < 135e6
@@ -184,7 +184,7 @@ def test_gated_norm_groups():
 
 def test_mixer_gradients_flow_to_every_parameter():
     m = small_mixer()
-    m(torch.randn(2, 13, 32, dtype=torch.float64)).square().sum().backward()
+    m(torch.randn(2, 13, 32, dtype=torch.float64))[0].square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -193,8 +193,8 @@ def test_autocast_bf16_runs_scan_in_float32():
     m = small_mixer().float()
     u = torch.randn(2, 16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(u)
-    torch.testing.assert_close(y.float(), m(u), rtol=0.05, atol=0.05)
+        y, _ = m(u)
+    torch.testing.assert_close(y.float(), m(u)[0], rtol=0.05, atol=0.05)
 
 
 def test_auto_backend_on_cpu_is_torch():
@@ -203,7 +203,7 @@ def test_auto_backend_on_cpu_is_torch():
     torch_path = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="torch"))
     torch_path.load_state_dict(auto.state_dict())
     u = torch.randn(1, 9, 32)
-    assert torch.equal(auto(u), torch_path(u))
+    assert torch.equal(auto(u)[0], torch_path(u)[0])
 
 
 # --- CUDA kernels --------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_kernels_equal_torch_path():
     kern = Mamba2(Mamba2Config(n_layer=1, d_model=256, d_state=64, headdim=32, ngroups=2, chunk_size=64, backend="kernels")).cuda()
     kern.load_state_dict(ours.state_dict())
     u = torch.randn(2, 300, 256, device="cuda", requires_grad=True)  # 300: not a multiple of 64
-    y, y_k = ours(u), kern(u)
+    (y, _), (y_k, _) = ours(u), kern(u)
     torch.testing.assert_close(y_k, y, rtol=2e-3, atol=2e-3)
     g = torch.randn_like(y)
     (grad,) = torch.autograd.grad(y, u, g)

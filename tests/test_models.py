@@ -19,7 +19,17 @@ CONFIGS = {
     "gpt-rotary": dict(arch="gpt", n_layer=2, d_model=32, n_head=4, positional="rotary"),
     "mamba": dict(arch="mamba", n_layer=2, d_model=32, d_state=8, backend="torch"),
     "mamba2": dict(arch="mamba2", n_layer=2, d_model=32, d_state=8, headdim=16, chunk_size=4, backend="torch"),
+    "gpt-window": dict(arch="gpt", n_layer=2, d_model=32, n_head=4, window=3),
+    "linear-attention": dict(arch="linear_attention", n_layer=2, d_model=32, n_head=4, chunk_size=4),
+    "retnet": dict(arch="linear_attention", n_layer=2, d_model=32, n_head=4, decay="fixed", chunk_size=4),
+    "gla": dict(arch="linear_attention", n_layer=2, d_model=32, n_head=4, decay="gated", d_conv=4, chunk_size=4),
+    "deltanet": dict(arch="deltanet", n_layer=2, d_model=32, n_head=4, chunk_size=4),
+    "gated-deltanet": dict(arch="deltanet", n_layer=2, d_model=32, n_head=2, decay="gated", chunk_size=4),
+    "hybrid": dict(arch="hybrid", n_layer=2, d_model=32, layers=["mamba2", "attention"], d_intermediate=64,
+                   mixers={"mamba2": dict(d_state=8, headdim=16, chunk_size=4), "attention": dict(n_head=4, window=4)}),
 }
+TINY_PRESETS = ("tiny-gpt", "tiny-mamba", "tiny-mamba2", "tiny-swa", "tiny-linear-attention", "tiny-retnet", "tiny-gla",
+                "tiny-deltanet", "tiny-gated-deltanet", "tiny-hybrid")
 IOS = {"discrete": {"kind": "discrete", "vocab_size": 37}, "gaussian": {"kind": "gaussian", "dim": 5}}
 
 
@@ -43,7 +53,8 @@ def run_steps(model, x):
 
 
 def numel(state) -> int:
-    return sum(t.numel() for t in tree_leaves(state))
+    """Scalars of the tensors in a state (not the position counters beside them)."""
+    return sum(t.numel() for t in tree_leaves(state) if torch.is_tensor(t))
 
 
 # --- step mode and history state ------------------------------------------------------------
@@ -79,12 +90,17 @@ def test_history_state_size_is_the_real_state_numel(arch, io_kind):
             breakdown = model.history_state_breakdown(n_past)
             assert model.history_state_size(n_past) == sum(breakdown.values()) == numel(state)
             sizes[n_past] = model.history_state_size(n_past)
-    if arch.startswith("gpt"):
+    if arch in ("gpt", "gpt-rotary"):
         # KV cache: 2 * n_layer * n_head * head_dim = 2 * 2 * 32 scalars per token
         assert set(breakdown) == {"kv"}
         assert sizes == {n: 128 * n for n in sizes}
+    elif arch == "gpt-window":  # the last window - 1 = 2 tokens' keys and values
+        assert sizes == {n: 128 * min(n, 2) for n in sizes}
+    elif arch == "hybrid":  # mamba2's constant state plus one window-4 attention layer's 3 tokens of 64
+        assert set(breakdown) == {"ssm", "conv", "kv"}
+        assert [sizes[n] - sizes[0] for n in sizes] == [0, 64, 192, 192]
     else:
-        assert set(breakdown) == {"ssm", "conv"} and len(set(sizes.values())) == 1
+        assert set(breakdown) <= {"ssm", "state", "conv"} and len(set(sizes.values())) == 1
 
 
 # --- presets ---------------------------------------------------------------------------------
@@ -104,7 +120,9 @@ def test_paper_presets_exist():
     names = {p.stem for p in PRESETS.glob("*.yaml")}
     paper = {"gpt2", "gpt2-medium", "gpt2-large", "mamba-50m", "mamba-70m", "mamba-130m", "mamba-370m",
              "mamba-790m", "mamba-1.4b", "mamba2-130m", "mamba2-370m", "mamba2-790m"}
-    assert paper | {"tiny-gpt", "tiny-mamba", "tiny-mamba2"} <= names
+    bounded = {"swa-125m", "linear-attention-130m", "retnet-130m", "gla-130m", "deltanet-130m", "gated-deltanet-130m",
+               "hybrid-130m"}
+    assert paper | bounded | set(TINY_PRESETS) <= names
     for name in names:
         assert preset(name)["name"] == name
 
@@ -116,14 +134,16 @@ def test_parameter_counts_of_paper_presets():
     assert meta_model("mamba-130m", 50277).num_params() == 129_135_360
     nominal = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "mamba-370m": 370e6,
                "mamba-790m": 790e6, "mamba-1.4b": 1.4e9, "mamba2-130m": 130e6, "mamba2-370m": 370e6,
-               "mamba2-790m": 790e6, "mamba-50m": 50e6, "mamba-70m": 70e6}
+               "mamba2-790m": 790e6, "mamba-50m": 50e6, "mamba-70m": 70e6, "swa-125m": 124e6,
+               "linear-attention-130m": 130e6, "retnet-130m": 130e6, "gla-130m": 130e6, "deltanet-130m": 130e6,
+               "gated-deltanet-130m": 130e6, "hybrid-130m": 130e6}
     for name, n in nominal.items():
         count = meta_model(name, 50257 if name.startswith("gpt") else 50277).num_params()
         assert abs(count - n) / n < 0.1, (name, count)
 
 
 def test_tiny_presets_build_and_run_from_omegaconf():
-    for name in ("tiny-gpt", "tiny-mamba", "tiny-mamba2"):
+    for name in TINY_PRESETS:
         model = build_model(OmegaConf.create(preset(name)), IOS["gaussian"], max_seq_len=64)
         mean, std = model(torch.randn(2, 64, 5))
         assert mean.shape == (2, 64, 5) and model.name == name
@@ -144,7 +164,7 @@ def test_embedding_and_init_std_set_the_initial_weights(embedding_std, init_std)
     for table in (model.encoder.wte.weight, model.backbone.wpe.weight):  # 32,000 draws each: SE of the std 0.4%
         assert table.std().item() == pytest.approx(embedding_std, rel=0.02)
     assert model.decoder.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.02)  # untied: the head keeps 0.02
-    block = model.backbone.h[0]
+    block = model.backbone.layers[0]
     assert block.mlp.c_fc.weight.std().item() == pytest.approx(init_std, rel=0.02)
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(init_std / 2, rel=0.02)  # / sqrt(2 n_layer)
 
@@ -172,6 +192,21 @@ def test_gaussian_std_is_strictly_positive():
         (dict(CONFIGS["mamba"], d_state=0), IOS["gaussian"], "d_state must be an int >= 1"),
         (dict(CONFIGS["mamba"], embedding_std=0), IOS["discrete"], "embedding_std must be a number > 0"),
         (dict(CONFIGS["gpt"], init_std=-1), IOS["discrete"], "init_std must be a number > 0"),
+        (dict(CONFIGS["gpt"], window=0), IOS["gaussian"], "window must be an int >= 1 .* or null for full attention"),
+        (dict(CONFIGS["linear-attention"], d_key=30), IOS["gaussian"], "d_key=30 must be an int >= 1 divisible by n_head=4"),
+        (dict(CONFIGS["deltanet"], n_head=3), IOS["gaussian"], "d_key=32 must be an int >= 1 divisible by n_head=3"),
+        (dict(CONFIGS["linear-attention"], decay="alibi"), IOS["gaussian"], "decay for linear_attention must be one of"),
+        (dict(CONFIGS["retnet"], fixed_decays=[0.9, 1.5, 0.9, 0.9]), IOS["gaussian"], "fixed_decays must hold n_head=4 decays in"),
+        (dict(CONFIGS["gla"], gate_normalizer=0), IOS["gaussian"], "gate_normalizer must be a number > 0"),
+        (dict(CONFIGS["hybrid"], layers=["mamba2", "rwkv7"]), IOS["gaussian"], "layers names 'rwkv7', which is no architecture; choose among"),
+        (dict(CONFIGS["hybrid"], layers=["mamba2", "gpt"]), IOS["gaussian"], "names 'gpt', which is not a mixer"),
+        (dict(CONFIGS["hybrid"], n_layer=3), IOS["gaussian"], "n_layer=3 must be a multiple of the pattern's length 2"),
+        (dict(CONFIGS["hybrid"], mixers={**CONFIGS["hybrid"]["mixers"], "mamba": {}}), IOS["gaussian"],
+         r"options for \['mamba'\], which"),
+        (dict(CONFIGS["hybrid"], mixers={}), IOS["gaussian"], r"mixers.attention \(a layer of the hybrid\): .* lacks \['n_head'\]"),
+        (dict(CONFIGS["hybrid"], mixers={"attention": {"n_head": 4, "d_model": 8}}), IOS["gaussian"],
+         r"mixers.attention sets \['d_model'\]"),
+        (dict(CONFIGS["hybrid"], mixers={"attention": {"n_head": 5}}), IOS["gaussian"], "not divisible by n_head=5"),
         (CONFIGS["gpt"], {"kind": "image"}, "kind' in"),
         (CONFIGS["gpt"], {"kind": "discrete"}, "'vocab_size' .*must be an int >= 1"),
         (CONFIGS["gpt"], {"kind": "gaussian", "dim": 0}, "'dim' .*must be an int >= 1"),

@@ -36,13 +36,13 @@ class DecayMixer(nn.Module):
         self.decay = config.decay
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x):  # (B, T, d)
-        state = self.init_state(x.shape[0], x.device, x.dtype)
+    def forward(self, x, state=None):  # (B, T, d)
+        carried = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
         ys = []
         for t in range(x.shape[1]):
-            y, state = self.step(x[:, t], state)
+            y, carried = self.step(x[:, t], carried)
             ys.append(y)
-        return torch.stack(ys, dim=1)
+        return torch.stack(ys, dim=1), None if state is None else carried
 
     def init_state(self, batch, device=None, dtype=None):
         return torch.zeros(batch, self.out.in_features, device=device, dtype=dtype)
@@ -51,7 +51,7 @@ class DecayMixer(nn.Module):
         state = self.decay * state + x
         return self.out(state), state
 
-    def state_breakdown(self):
+    def state_size(self, n_past):
         return {"ssm": self.out.in_features}
 
 
@@ -108,10 +108,14 @@ TOY_PACKAGE = textwrap.dedent('''
             super().__init__()
             self.decay, self.out = config.decay, nn.Linear(config.d_model, config.d_model)
 
-        def forward(self, x):
-            powers = self.decay ** torch.arange(x.shape[1], dtype=x.dtype)
+        def forward(self, x, state=None):
+            powers = self.decay ** torch.arange(1, x.shape[1] + 1, dtype=x.dtype)
             weights = torch.tril(powers[:, None] / powers[None, :])  # (T, T): decay^(t - s) for s <= t
-            return self.out(weights @ x)
+            h = weights @ x  # (B, T, d)
+            if state is None:
+                return self.out(h), None
+            h = h + powers[:, None] * state[:, None]  # the carried state, decayed
+            return self.out(h), h[:, -1]
 
         def init_state(self, batch, device=None, dtype=None):
             return torch.zeros(batch, self.out.in_features, device=device, dtype=dtype)
@@ -120,7 +124,7 @@ TOY_PACKAGE = textwrap.dedent('''
             state = self.decay * state + x
             return self.out(state), state
 
-        def state_breakdown(self):
+        def state_size(self, n_past):
             return {"ssm": self.out.in_features}
 ''')
 
@@ -160,7 +164,7 @@ def test_a_mixer_named_by_import_path_trains_evaluates_resumes_and_scores_from_t
 
 
 def test_an_arch_that_cannot_be_imported_names_the_two_ways():
-    with pytest.raises(ValueError, match=r"model arch must be one of \('gpt', 'mamba', 'mamba2'\) or the import path .*"
+    with pytest.raises(ValueError, match=r"model arch must be one of \('gpt', 'mamba', 'mamba2', 'attention', .*\) or the import path .*"
                                          r"cannot import it .* PYTHONPATH"):
         model_config({"arch": "nowhere.Mixer", "n_layer": 1, "d_model": 8})
     with pytest.raises(ValueError, match="torch.nn.Linear has no config_class"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from l2m.jobs import schemas  # noqa: F401  (the schemas conf/ inherits)
@@ -87,3 +87,9 @@ def check_command_line(config_dir: str | Path, config_name: str, argv: Sequence[
         sys.exit(1)
     except HydraException:
         return
+
+
+def model_preset(name: str, config_dir: str | Path) -> dict:
+    """conf/model/<name>.yaml as train.py composes it: its schema's defaults under the preset's values."""
+    with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)

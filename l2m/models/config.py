@@ -75,11 +75,13 @@ class MixerConfig(ModelConfig):
     """A stack of pre-norm residual blocks around one mixer each (mamba-ssm's MixerModel).
 
     The registry stacks the mixer module of any config of this kind with `MixerStack`; the mixer
-    takes (config, layer_idx) and declares its recurrent state in `state_breakdown()`.
+    takes (config, layer_idx) and declares its history state in `state_size(n_past)`.
     """
 
     norm: str = "rms"  # block and final norm: rms | layer
+    d_intermediate: int = 0  # hidden units of a GELU MLP after each mixer (mamba-ssm's name); 0: none
 
     def _check(self) -> None:
         super()._check()
         self.choice("norm", NORMS)
+        check_int("model d_intermediate", self.d_intermediate, 0)

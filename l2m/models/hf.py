@@ -81,14 +81,16 @@ def _gpt2_config(c: dict) -> tuple[dict, int]:
 def _gpt2_keys(config: dict) -> list[tuple[str, str, bool]]:
     keys = [("encoder.wte.weight", "transformer.wte.weight", False),
             ("backbone.wpe.weight", "transformer.wpe.weight", False),
-            ("backbone.ln_f.weight", "transformer.ln_f.weight", False),
-            ("backbone.ln_f.bias", "transformer.ln_f.bias", False)]
+            ("backbone.norm_f.weight", "transformer.ln_f.weight", False),
+            ("backbone.norm_f.bias", "transformer.ln_f.bias", False)]
     for i in range(config["n_layer"]):
-        ours, theirs = f"backbone.h.{i}.", f"transformer.h.{i}."
-        for name in ("ln_1", "ln_2"):
-            keys += [(f"{ours}{name}.{p}", f"{theirs}{name}.{p}", False) for p in ("weight", "bias")]
-        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):  # Conv1D: (in, out)
-            keys += [(f"{ours}{name}.weight", f"{theirs}{name}.weight", True), (f"{ours}{name}.bias", f"{theirs}{name}.bias", False)]
+        ours, theirs = f"backbone.layers.{i}.", f"transformer.h.{i}."
+        for name, their_name in (("norm", "ln_1"), ("norm2", "ln_2")):
+            keys += [(f"{ours}{name}.{p}", f"{theirs}{their_name}.{p}", False) for p in ("weight", "bias")]
+        for name, their_name in (("mixer.c_attn", "attn.c_attn"), ("mixer.c_proj", "attn.c_proj"),
+                                 ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):  # Conv1D: (in, out)
+            keys += [(f"{ours}{name}.weight", f"{theirs}{their_name}.weight", True),
+                     (f"{ours}{name}.bias", f"{theirs}{their_name}.bias", False)]
     if not config["tie_embeddings"]:
         keys.append(("decoder.lm_head.weight", "lm_head.weight", False))
     return keys
@@ -248,11 +250,17 @@ def to_hf(model: SequenceModel, out_dir: str | Path, bos_token_id: int | None = 
         if config["positional"] != "learned" or not config["bias"]:
             raise UserError("GPT2LMHeadModel has learned positions and biases: this GPT (rotary or bias-free) has no "
                              "transformers counterpart")
+        if config["window"] is not None:
+            raise UserError(f"GPT2LMHeadModel attends to the whole context: this GPT's sliding window of "
+                            f"{config['window']} tokens has no transformers counterpart")
         hf_config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=config["max_seq_len"], n_embd=config["d_model"], n_layer=config["n_layer"],
             n_head=config["n_head"], activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[config["activation"]],
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config["tie_embeddings"], **special)
         hf_model, keys = transformers.GPT2LMHeadModel(hf_config), _gpt2_keys(config)
+    elif arch in ("mamba", "mamba2") and config["d_intermediate"]:
+        raise UserError(f"transformers' {arch} has no MLP after each mixer: this model's d_intermediate="
+                        f"{config['d_intermediate']} has no counterpart")
     elif arch == "mamba":
         if config["norm"] != "rms":
             raise UserError("MambaForCausalLM uses RMSNorm: this model has norm='layer'")

@@ -1,11 +1,12 @@
-"""The optional CUDA kernels (mamba-ssm, causal-conv1d), loaded once, and the CPU-friendly fallbacks
-that Mamba and Mamba2 share.
+"""The optional CUDA kernels (mamba-ssm, causal-conv1d, fla-core's Triton ops), loaded once, and the
+CPU-friendly fallbacks that the mixers share.
 
-backend, one setting for both mixers:
+backend, one setting for every mixer that has kernels:
   "torch"     plain PyTorch, any device;
-  "kernels"   mamba-ssm's kernels (CUDA tensors only); where causal-conv1d is installed too, the
-              forward pass is one fused autograd function per mixer (mamba_inner_fn,
+  "kernels"   the kernels (CUDA tensors only): mamba-ssm's for Mamba and Mamba2, where causal-conv1d
+              is installed too one fused autograd function per mixer (mamba_inner_fn,
               mamba_split_conv1d_scan_combined) that recomputes activations in its backward;
+              fla-core's chunked Triton ops for linear attention and DeltaNet;
   "compiled"  (Mamba only) the compiled CPU loops of l2m.models.compiled (CPU tensors only);
   "auto"      the kernels when importable and the input is on CUDA, Mamba's compiled loops where
               they build and the input is on a CPU, else torch;
@@ -17,14 +18,17 @@ from __future__ import annotations
 from functools import lru_cache
 from types import SimpleNamespace
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import UserError
 
 KERNELS_HINT = (
-    "install the CUDA kernels with `pip install 'l2m[cuda]'` (mamba-ssm and causal-conv1d; needs "
-    "CUDA torch and nvcc), or set backend='torch'"
+    "install the CUDA kernels with `pip install 'l2m[cuda]'` (mamba-ssm and causal-conv1d, for Mamba; needs "
+    "CUDA torch and nvcc) or `pip install 'l2m[fla]'` (fla-core and triton, for linear attention and DeltaNet), "
+    "or set backend='torch'"
 )
 
 
@@ -42,13 +46,18 @@ def load_kernels() -> SimpleNamespace:
     fused training paths that need causal-conv1d too: mamba_inner_fn (Mamba: conv, projections,
     scan and out_proj in one autograd function that recomputes its activations in the backward) and
     mamba_split_conv1d_scan_combined (Mamba2's memory-efficient path: conv, SSD, gated RMSNorm and
-    out_proj)."""
+    out_proj); fla-core's chunk_gla (a gate per key channel), chunk_simple_gla (one per head),
+    chunk_delta_rule and chunk_gated_delta_rule, which import only where triton does."""
     return SimpleNamespace(
         selective_scan_fn=_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
         mamba_inner_fn=_import("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"),
         mamba_chunk_scan_combined=_import("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
         mamba_split_conv1d_scan_combined=_import("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"),
         causal_conv1d_fn=_import("causal_conv1d", "causal_conv1d_fn"),
+        chunk_gla=_import("fla.ops.gla", "chunk_gla"),
+        chunk_simple_gla=_import("fla.ops.simple_gla", "chunk_simple_gla"),
+        chunk_delta_rule=_import("fla.ops.delta_rule", "chunk_delta_rule"),
+        chunk_gated_delta_rule=_import("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
     )
 
 
@@ -78,3 +87,11 @@ def causal_conv1d(x: Tensor, conv: nn.Conv1d) -> Tensor:
     its first T outputs. PyTorch's grouped Conv1d, measured 1.0-2.1x faster than a sum of W
     shifted products at one thread on CPU (benchmarks/RESULTS.md)."""
     return conv(x)[..., : x.shape[-1]]
+
+
+def causal_conv1d_carry(x: Tensor, conv: nn.Conv1d, state: Tensor) -> tuple[Tensor, Tensor]:
+    """`causal_conv1d` of x (B, D, T) read after the W-1 inputs in `state` (B, D, W-1): the T outputs,
+    and the last W-1 inputs (the state after x)."""
+    inputs = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, D, W-1+T)
+    y = F.conv1d(inputs, conv.weight, conv.bias, groups=conv.groups)  # (B, D, T)
+    return y, inputs[..., x.shape[-1]:]

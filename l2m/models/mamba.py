@@ -29,7 +29,7 @@ from l2m.models.compiled import (
     use_compiled,
 )
 from l2m.models.config import MixerConfig
-from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
+from l2m.models.kernels import causal_conv1d, causal_conv1d_carry, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.selective_scan import selective_scan, selective_scan_ref
 
 BACKENDS = ("auto", "torch", "compiled", "kernels", "reference")
@@ -109,37 +109,46 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.dt_proj.bias._no_reinit = True
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (B, L, d_model) -> (B, L, d_model)."""
-        kernels = use_kernels("Mamba", self.backend, KERNELS, hidden)
+    def forward(self, hidden: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple | None]:
+        """hidden (B, L, d_model) -> (B, L, d_model); with a state (conv, ssm), the state after the L
+        tokens (on the torch path: the kernels and compiled loops take no initial state)."""
+        kernels = state is None and use_kernels("Mamba", self.backend, KERNELS, hidden)
         if kernels and kernels_available(*FUSED_KERNELS):
-            return self._fused_forward(hidden)
-        compiled = not kernels and use_compiled("Mamba", self.backend, hidden)
+            return self._fused_forward(hidden), None
+        compiled = state is None and not kernels and use_compiled("Mamba", self.backend, hidden)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
         f = torch.float32 if kernels else ssm_state_dtype(hidden.dtype)  # the kernels take float32
         A = -torch.exp(self.A_log.to(f))  # (d_inner, d_state)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
+        conv_state = None
         if conv_fn is not None:
             x = x.transpose(1, 2).contiguous()  # (B, d_inner, L), as the kernel reads it
             x = conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu").transpose(1, 2)
         elif compiled:  # channels last throughout: no transposed copies
             x = compiled_causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (B, L, d_inner)
+        elif state is not None:
+            x, conv_state = causal_conv1d_carry(x.transpose(1, 2), self.conv1d, state[0])  # (B, d_inner, L)
+            x = F.silu(x).transpose(1, 2)  # (B, L, d_inner)
         else:
             x = F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d)).transpose(1, 2)  # (B, L, d_inner)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, r / n / n)
         dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner); bias goes into the scan's softplus
         scan_args = dict(D=self.D.to(f), delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)
         if compiled:
-            y = compiled_selective_scan_channels_last(x, dt, A, B, C, z=z, **scan_args)  # (B, L, d_inner)
+            return self.out_proj(compiled_selective_scan_channels_last(x, dt, A, B, C, z=z, **scan_args)), None
+        if kernels:
+            scan = load_kernels().selective_scan_fn
         else:
-            if kernels:
-                scan = load_kernels().selective_scan_fn
-            else:
-                scan = selective_scan_ref if self.backend == "reference" else selective_scan
-            channels_first = (t.transpose(1, 2).contiguous() for t in (x, dt, B, C, z))
-            u, delta, B, C, z = channels_first  # (B, d_inner, L) or (B, d_state, L)
-            y = scan(u, delta, A, B, C, z=z, **scan_args).transpose(1, 2)  # (B, L, d_inner)
-        return self.out_proj(y)
+            scan = selective_scan_ref if self.backend == "reference" else selective_scan
+        if state is not None:
+            scan_args.update(h0=state[1], return_last_state=True)
+        channels_first = (t.transpose(1, 2).contiguous() for t in (x, dt, B, C, z))
+        u, delta, B, C, z = channels_first  # (B, d_inner, L) or (B, d_state, L)
+        y = scan(u, delta, A, B, C, z=z, **scan_args)
+        if state is None:
+            return self.out_proj(y.transpose(1, 2)), None  # (B, L, d_model)
+        y, ssm_state = y
+        return self.out_proj(y.transpose(1, 2)), (conv_state, ssm_state.to(state[1].dtype))
 
     def _fused_forward(self, hidden: Tensor) -> Tensor:
         """forward through mamba-ssm's mamba_inner_fn, the same parameters as the other paths."""
@@ -190,7 +199,7 @@ class Mamba(nn.Module):
         y = (y * F.silu(z.to(f))).to(hidden.dtype)
         return self.out_proj(y), (window[:, :, 1:], ssm_state)
 
-    def state_breakdown(self) -> dict[str, int]:
+    def state_size(self, n_past: int) -> dict[str, int]:
         """Scalars of recurrent state per sequence (constant in the number of tokens read)."""
         return {"ssm": self.d_inner * self.d_state, "conv": self.d_inner * (self.d_conv - 1)}
 

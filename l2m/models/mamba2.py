@@ -23,7 +23,7 @@ from torch import Tensor
 
 from l2m.checks import UserError
 from l2m.models.config import MixerConfig
-from l2m.models.kernels import causal_conv1d, kernels_available, load_kernels, require_kernels, use_kernels
+from l2m.models.kernels import causal_conv1d, causal_conv1d_carry, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.mamba import ssm_state_dtype
 from l2m.models.ssd import ssd_chunked, ssd_step
 
@@ -150,14 +150,15 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.to(f) + self.dt_bias.to(f))
         return x.to(f), dt, -torch.exp(self.A_log.to(f)), B.to(f), C.to(f), self.D.to(f)
 
-    def forward(self, u: Tensor) -> Tensor:
-        """u (b, T, d_model) -> (b, T, d_model)."""
+    def forward(self, u: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple | None]:
+        """u (b, T, d_model) -> (b, T, d_model); with a state (conv, ssm), the state after the T tokens
+        (on the torch path: the kernels take no initial state)."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: input must be (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
-        kernels = use_kernels("Mamba2", self.backend, KERNELS, u)
+        kernels = state is None and use_kernels("Mamba2", self.backend, KERNELS, u)
         zxbcdt = self.in_proj(u)  # (b, T, d_inner + conv_dim + h)
         if kernels and kernels_available(*FUSED_KERNELS):
-            return load_kernels().mamba_split_conv1d_scan_combined(  # (b, T, d_model)
+            y = load_kernels().mamba_split_conv1d_scan_combined(  # (b, T, d_model)
                 zxbcdt,
                 self.conv1d.weight.squeeze(1),
                 self.conv1d.bias,
@@ -174,17 +175,23 @@ class Mamba2(nn.Module):
                 ngroups=self.ngroups,
                 norm_before_gate=False,  # RMSNormGated: norm(y * silu(z))
             )
+            return y, None
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_fn = load_kernels().causal_conv1d_fn if kernels else None
+        conv_state = None
         if conv_fn is not None:
             xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
             xBC = xBC.transpose(1, 2)  # (b, T, conv_dim)
+        elif state is not None:
+            xBC, conv_state = causal_conv1d_carry(xBC.transpose(1, 2), self.conv1d, state[0])
+            xBC = F.silu(xBC.transpose(1, 2).contiguous())  # (b, T, conv_dim)
         else:
             # (b, T, conv_dim), contiguous before the SiLU: its backward runs ~5x slower on a CPU when
             # the gradient's memory layout differs from its input's
             xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d).transpose(1, 2).contiguous())
         x, B, C = self._split_xbc(xBC)  # (b, T, h, p), (b, T, g, n), (b, T, g, n)
 
+        ssm_state = None
         if kernels:  # the kernel applies softplus(dt + dt_bias) itself and computes in float32
             A = -torch.exp(self.A_log.float())
             scan = load_kernels().mamba_chunk_scan_combined
@@ -193,8 +200,15 @@ class Mamba2(nn.Module):
             with torch.autocast(u.device.type, enabled=False):
                 x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
                 chunk = min(self.chunk_size, CPU_CHUNK_SIZE) if u.device.type == "cpu" else self.chunk_size
-                y = ssd_chunked(x, dt, A, B, C, chunk, D=D).to(u.dtype)  # (b, T, h, p)
-        return self.out_proj(self.norm(y.flatten(-2), z))  # (b, T, d_model)
+                if state is None:
+                    y = ssd_chunked(x, dt, A, B, C, chunk, D=D)  # (b, T, h, p)
+                else:
+                    y, ssm_state = ssd_chunked(x, dt, A, B, C, chunk, D=D, initial_state=state[1].to(x.dtype),
+                                               return_final_state=True)
+                    ssm_state = ssm_state.to(state[1].dtype)
+                y = y.to(u.dtype)
+        y = self.out_proj(self.norm(y.flatten(-2), z))  # (b, T, d_model)
+        return y, None if state is None else (conv_state, ssm_state)
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
         """Zero state: conv_state (batch, conv_dim, d_conv-1) holds the last d_conv-1 conv inputs (model
@@ -222,7 +236,7 @@ class Mamba2(nn.Module):
         y = self.out_proj(self.norm(y.to(u.dtype).flatten(-2), z))
         return y, (window[..., 1:].to(conv_state.dtype), new_ssm_state.to(ssm_state.dtype))
 
-    def state_breakdown(self) -> dict[str, int]:
+    def state_size(self, n_past: int) -> dict[str, int]:
         """Scalars of history state per sequence (constant in time)."""
         return {"ssm": self.nheads * self.headdim * self.d_state, "conv": self.conv_dim * (self.d_conv - 1)}
 

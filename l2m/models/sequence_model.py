@@ -1,7 +1,7 @@
 """SequenceModel: input adapter -> backbone -> output adapter, for any architecture and token kind.
 
-A backbone maps (B, T, d_model) -> (B, T, d_model) including its final norm, and offers
-init_state / step / state_breakdown(n_past): GPT and MixerStack do.
+A backbone maps (B, T, d_model) and an optional state -> (B, T, d_model) including its final norm,
+and the state after the T tokens; it offers init_state / step / state_size(n_past) (MixerStack).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class SequenceModel(nn.Module):
 
     forward(x): ids (B, T) -> logits (B, T, V), or Gaussian tokens (B, T, D) -> (mean, std).
     step(x_t, state): the same for one token (B,) / (B, D), carrying the backbone's state.
+    forward_with_state(x, state): a chunk of tokens read after `state`, and the state after it.
     losses(batch): the output adapter's loss and per-token curves on a batch of BOS + L tokens.
     """
 
@@ -33,7 +34,13 @@ class SequenceModel(nn.Module):
         return getattr(self.backbone, "max_positions", None)
 
     def forward(self, x: Tensor):
-        return self.decoder(self.backbone(self.encoder(x)))
+        return self.decoder(self.backbone(self.encoder(x))[0])
+
+    def forward_with_state(self, x: Tensor, state):
+        """x (B, T) / (B, T, D) read after `state` (init_state's or a previous call's) -> (outputs, the
+        state after x): a long sequence read chunk by chunk equals one pass."""
+        h, state = self.backbone(self.encoder(x), state)
+        return self.decoder(h), state
 
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """{"loss": scalar, "nll": (B, L), and "kl": (B, L) where known}: nats per token, float32."""
@@ -51,7 +58,16 @@ class SequenceModel(nn.Module):
     def history_state_breakdown(self, n_past: int) -> dict[str, int]:
         """Scalars of history state per sequence after reading n_past tokens, by part
         ("kv" for attention, "ssm" and "conv" for SSMs)."""
-        return self.backbone.state_breakdown(check_int("n_past", n_past, 0))
+        return self.backbone.state_size(check_int("n_past", n_past, 0))
+
+    @property
+    def receptive_field(self) -> int | None:
+        """Tokens back its output can depend on, itself included: n_layer·(window − 1) + 1 for
+        sliding-window attention; None (all) where any layer's state carries the whole past."""
+        fields = [getattr(layer.mixer, "receptive_field", None) for layer in getattr(self.backbone, "layers", ())]
+        if not fields or None in fields:
+            return None
+        return sum(f - 1 for f in fields) + 1
 
     def history_state_size(self, n_past: int) -> int:
         """dim(z): total scalars the step state holds after n_past tokens (batch 1)."""

@@ -145,6 +145,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "dim_z_half": f"dim(z) at {split}",
         "i_bp_half": f"I_BP at {split} \\[nats]",  # escaped: rich reads a bare [nats] as markup and drops it
         "ratio": "I_BP / dim(z)",
+        "receptive_field": "receptive field (tokens; - for all)",
         "avg_kl_se": "avg_kl SE (sequences)",
         "avg_nll_se": "avg_nll SE (sequences)",
         "effective_context": "effective context (tokens)",

@@ -34,7 +34,8 @@ def heldout_batches(datamodule: L.LightningDataModule, device: Any) -> Iterator:
 
 def history_state_summary(model: Any, datamodule: L2MData) -> dict[str, Any]:
     """dim(z) (total and parts) at the data's `history_split` (L/2 unless the task says otherwise), the
-    data's I_BP there and their ratio (paper Fig. 3c). Keys keep the name "_half"."""
+    data's I_BP there and their ratio (paper Fig. 3c), and the model's receptive field (tokens back its
+    output can depend on; None: all). Keys keep the name "_half"."""
     half = datamodule.history_split
     dim_z = model.history_state_size(half)
     i_bp = datamodule.bipartite_mi_half()
@@ -46,6 +47,7 @@ def history_state_summary(model: Any, datamodule: L2MData) -> dict[str, Any]:
         **parts,
         "i_bp_half": None if i_bp is None else float(i_bp),
         "ratio": None if i_bp is None else float(i_bp) / dim_z,
+        "receptive_field": getattr(model, "receptive_field", None),
     }
 
 
