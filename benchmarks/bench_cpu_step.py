@@ -1,6 +1,7 @@
 """CPU training steps of the tiny presets side by side, as ratios to the first one.
 
     python benchmarks/bench_cpu_step.py      # tiny-gpt, tiny-mamba (compiled, torch), tiny-mamba2
+    python benchmarks/bench_cpu_step.py tiny-gpt tiny-swa tiny-gla tiny-deltanet --seq-len 4096 --batch 2
 
 The measure under which every test, tiny sweep and CPU preset runs: one torch thread, batch 16,
 L = 256, a step being forward, the Gaussian task's loss, backward and AdamW (bench_train's step).
@@ -16,9 +17,9 @@ import statistics
 import time
 
 import torch
-import yaml
 
-from bench_train import PRESETS, training_step
+from bench_train import CONF, training_step
+from l2m.jobs.composition import model_preset
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     steps = []
     for spec in args.models:
         preset, _, backend = spec.partition(":")
-        config = yaml.safe_load((PRESETS / f"{preset}.yaml").read_text())
+        config = model_preset(preset, CONF)
         if backend:
             config["backend"] = backend
         torch.manual_seed(0)

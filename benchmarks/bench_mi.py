@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from l2m.jobs.composition import model_preset
 from l2m.mi import ExactScorer, ModelScorer, PairCounter, bipartite_mi, two_point_mi
 from l2m.mi.synthetic import example_source
 from l2m.models import build_model
 
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DISTANCES = [2**k for k in range(13)]
 
 
@@ -84,7 +84,7 @@ def main() -> None:
     for vocab in (50277, 128256):
         rows += bench_counts(vocab, args.count_tokens)
 
-    cfg = yaml.safe_load((PRESETS / f"{args.model}.yaml").read_text())
+    cfg = model_preset(args.model, CONF)
     model = build_model(cfg, {"kind": "discrete", "vocab_size": args.vocab}, max_seq_len=args.seq_len).to(args.device).eval()
     scorer = ModelScorer(model, args.vocab, bos_id=0, max_len=args.seq_len, device=args.device, batch_size=8)
     label = f"{args.model} V={args.vocab}"

@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from l2m.jobs.composition import model_preset
 from l2m.models import build_model
 from l2m.models.compiled import compiled_available
 from l2m.models.kernels import kernels_available
 from l2m.models.mamba import KERNELS as MAMBA_KERNELS
 from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
 
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def backends(arch: str, device: str, loop_max_len: int, L: int) -> list[str]:
@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"{'model':14s} {'backend':10s} {'L':>6s} {'ms/step':>10s} {'tokens/s':>10s}")
     results = {}
     for name in args.models:
-        cfg = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+        cfg = model_preset(name, CONF)
         for L in args.lengths:
             for backend in backends(cfg["arch"], args.device, args.loop_max_len, L):
                 if backend != "-":

@@ -5,7 +5,7 @@
         --lengths 1024 4096 16384 --pipeline-lengths 4096 16384
 
 A step is forward, the Gaussian task's loss, backward and AdamW, on one sequence batch (`--batch`) of
-Gaussian tokens (dim 64), per model x L x backend (torch; kernels where mamba-ssm is installed; Mamba's
+Gaussian tokens (dim 64), per model x L x backend (torch; kernels where mamba-ssm or fla-core is installed; Mamba's
 compiled CPU loops on a CPU) x
 precision (fp32, bf16 autocast) x activation checkpointing (off, on). Times are the median of
 `--repeats` steps after two warm-up steps. MFU is 3 x flops_per_token x tokens/s over the device's
@@ -25,16 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from l2m.models import build_model
+from l2m.jobs.composition import model_preset
+from l2m.models import build_model, model_config
 from l2m.models.compiled import compiled_available
 from l2m.models.kernels import kernels_available
-from l2m.models.mamba import KERNELS as MAMBA_KERNELS
-from l2m.models.mamba2 import KERNELS as MAMBA2_KERNELS
 from l2m.training.throughput import peak_flops
 
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DIM = 64  # Gaussian token dimension (the paper's copies)
 
 
@@ -81,13 +79,13 @@ def step_seconds(config: dict, seq_len: int, args, device: torch.device, bf16: b
     return median_seconds(training_step(config, seq_len, args.batch, device, bf16), device, args.repeats)
 
 
-def backends(arch: str, device: torch.device) -> list[str]:
-    if arch == "gpt":
+def backends(config: dict, device: torch.device) -> list[str]:
+    typed = model_config(config)
+    if not hasattr(typed, "backend"):  # GPT and hybrids: their layers' own
         return ["-"]
-    kernels = MAMBA_KERNELS if arch == "mamba" else MAMBA2_KERNELS
-    if device.type == "cuda" and kernels_available(*kernels):
+    if device.type == "cuda" and kernels_available(*typed.kernels):
         return ["torch", "kernels"]
-    if device.type == "cpu" and arch == "mamba" and compiled_available():
+    if device.type == "cpu" and typed.arch == "mamba" and compiled_available():
         return ["torch", "compiled"]
     return ["torch"]
 
@@ -96,10 +94,10 @@ def train_rows(args, device: torch.device) -> list[list[str]]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for preset in args.models:
-        base = yaml.safe_load((PRESETS / f"{preset}.yaml").read_text())
+        base = model_preset(preset, CONF)
         for seq_len in args.lengths:
             flops = 3 * build_model(base, {"kind": "gaussian", "dim": DIM}, max_seq_len=seq_len).flops_per_token(seq_len)
-            for backend in backends(base["arch"], device):
+            for backend in backends(base, device):
                 for precision in args.precisions:
                     for checkpointing in (False, True):
                         config = {**base, "checkpointing": checkpointing, **({} if backend == "-" else {"backend": backend})}
@@ -124,7 +122,7 @@ def pipeline_rows(args, device: torch.device) -> list[list[str]]:
     from l2m.data.gaussian import GaussianDataModule
 
     rows = []
-    base = yaml.safe_load((PRESETS / f"{args.models[0]}.yaml").read_text())
+    base = model_preset(args.models[0], CONF)
     for seq_len in args.pipeline_lengths:
         data = GaussianDataModule(seq_len=seq_len, batch_size=args.batch, val_size=1)
         stream = data.train_stream(0, 1, start=0)

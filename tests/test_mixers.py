@@ -59,6 +59,20 @@ def test_chunks_with_the_state_carried_equal_one_pass(arch):
         torch.testing.assert_close(carried, stepped, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", BOUNDED)
+def test_bf16_autocast_trains_with_the_recurrences_in_float32(arch):
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[arch], IOS["discrete"], max_seq_len=32)
+    x = tokens(IOS["discrete"], batch=2, T=23)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+    full.float().logsumexp(-1).mean().backward()
+    with torch.no_grad():
+        exact = model(x)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert (full.float() - exact).abs().max() < 0.1 * exact.abs().max()  # bf16's rounding, not another model
+
+
 def test_sliding_window_attends_to_exactly_the_last_window_tokens():
     """Changing token t changes outputs t .. t + window - 1 of one layer and none after."""
     torch.manual_seed(0)
@@ -70,6 +84,16 @@ def test_sliding_window_attends_to_exactly_the_last_window_tokens():
     changed = ((layer(x2)[0] - y).abs().amax(-1) > 1e-12)[0].tolist()
     assert changed == [t in range(3, 7) for t in range(12)]
     assert layer.receptive_field == 4
+
+
+@pytest.mark.parametrize("T", [9, 16, 33])
+def test_sliding_window_in_blocks_equals_the_masked_full_attention(T):
+    """Past 2·window tokens the layer attends block by block: equal to softmax over the band written out."""
+    layer = CausalSelfAttention(AttentionConfig(n_layer=1, d_model=16, n_head=2, window=4))
+    q, k, v = torch.randn(3, 3, 2, T, 8, dtype=torch.float64).unbind(0)  # (B, nh, T, hd) each
+    lag = torch.arange(T)[:, None] - torch.arange(T)
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~((lag >= 0) & (lag < 4)), -torch.inf)
+    torch.testing.assert_close(layer._attend(q, k, v), scores.softmax(-1) @ v, rtol=0, atol=1e-12)
 
 
 def test_receptive_field_of_a_windowed_stack_is_n_layer_times_window_minus_one_plus_one():
@@ -111,10 +135,11 @@ def delta_recurrence(q, k, v, beta, log_decay, S):
 
 
 @pytest.mark.parametrize("decay", ["none", "per-head", "per-channel"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
-def test_linear_attention_chunked_equals_the_recurrence(decay, chunk_size):
-    g, q, k, v, S0 = random_inputs()
-    shape = {"none": (2, 13, 3, 1), "per-head": (2, 13, 3, 1), "per-channel": (2, 13, 3, 4)}[decay]
+@pytest.mark.parametrize("chunk_size, T", [(1, 13), (4, 13), (5, 13), (64, 13), (16, 37), (32, 70), (12, 30)])
+def test_linear_attention_chunked_equals_the_recurrence(decay, chunk_size, T):
+    """Chunks of 16, 32, 12: sub-chunks of 8, 8, 6 under a per-channel decay."""
+    g, q, k, v, S0 = random_inputs(T=T)
+    shape = {"none": (2, T, 3, 1), "per-head": (2, T, 3, 1), "per-channel": (2, T, 3, 4)}[decay]
     log_decay = torch.zeros(shape, dtype=torch.float64) if decay == "none" else -torch.rand(shape, generator=g, dtype=torch.float64) * 3
     o, S = linear_attention_chunked(q, k, v, log_decay, chunk_size, S0)
     o_ref, S_ref = gated_recurrence(q, k, v, log_decay, S0)
@@ -123,10 +148,11 @@ def test_linear_attention_chunked_equals_the_recurrence(decay, chunk_size):
 
 
 def test_linear_attention_chunked_survives_decays_that_underflow_a_chunk():
-    """log-decay -200 per step: e^(-200 Q) underflows, but no factor is ever inverted."""
-    _, q, k, v, S0 = random_inputs(T=16)
-    log_decay = torch.full((2, 16, 3, 4), -200.0, dtype=torch.float64)
-    o, S = linear_attention_chunked(q, k, v, log_decay, 8, S0)
+    """log-decay -200 per step: e^(-200 Q) underflows, but no factor is ever inverted (chunks of 32,
+    sub-chunks of 8)."""
+    _, q, k, v, S0 = random_inputs(T=64)
+    log_decay = torch.full((2, 64, 3, 4), -200.0, dtype=torch.float64)
+    o, S = linear_attention_chunked(q, k, v, log_decay, 32, S0)
     o_ref, S_ref = gated_recurrence(q, k, v, log_decay, S0)
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-10)
@@ -266,3 +292,31 @@ def test_fla_kernels_equal_the_torch_path_on_the_gpu(arch):
     for (name, p_torch), p_kernels in zip(models["torch"].named_parameters(), models["kernels"].parameters()):
         if p_torch.grad is not None:
             assert (p_kernels.grad - p_torch.grad).abs().max() <= 5e-3 * p_torch.grad.abs().max(), name
+
+
+# --- every new preset through train, resume and evaluate -------------------------------------------
+
+# One preset per mixer class and its most parameters (tiny-linear-attention, -retnet and -deltanet differ
+# from tiny-gla and tiny-gated-deltanet only in the decay; test_models builds and runs every preset).
+@pytest.mark.parametrize("preset", ["tiny-swa", "tiny-gla", "tiny-gated-deltanet", "tiny-hybrid"])
+def test_each_new_preset_trains_resumes_exactly_and_evaluates(compose_train, tmp_path, preset):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from l2m.jobs.run import evaluate, train
+
+    common = [f"model={preset}", "logger=none", "data.levels=3", "data.val_size=4", "data.batch_size=2",
+              "+trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=100"]
+    full = train(compose_train(*common, "trainer.max_steps=4"), run_dir=tmp_path / "full")
+    train(compose_train(*common, "trainer.max_steps=2"), run_dir=tmp_path / "run")
+    resumed = train(compose_train(*common, "trainer.max_steps=4"), run_dir=tmp_path / "run")
+    ends = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+            for run in ("full", "run")]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 4
+    for name, weights in ends[0]["state_dict"].items():
+        torch.testing.assert_close(ends[1]["state_dict"][name], weights, rtol=0, atol=0, msg=name)
+    assert resumed["avg_kl"] == full["avg_kl"] and resumed["model"] == preset
+    assert resumed["receptive_field"] == (31 if preset == "tiny-swa" else None)  # 2 layers of window 16
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
+    assert evaluate(cfg, run_dir=tmp_path / "eval")["avg_kl"] == pytest.approx(full["avg_kl"], rel=1e-6)

@@ -134,9 +134,26 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.window is None and cached == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if cached == 0 and T > 2 * self.window:
+            return self._attend_in_blocks(q, k, v, dropout)
         lag = torch.arange(T, device=q.device)[:, None] + cached - torch.arange(S, device=q.device)  # (T, S)
         allowed = lag >= 0 if self.window is None else (lag >= 0) & (lag < self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+
+    def _attend_in_blocks(self, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+        """The sliding window over blocks of W = window queries, each reading its own block's keys and
+        the previous block's: 2W keys per query instead of T (Longformer's banded form)."""
+        B, nh, T, hd = q.shape
+        W = self.window
+        n = -(-T // W)  # blocks
+        pad = (0, 0, 0, n * W - T)
+        q, k, v = (F.pad(t, pad).view(B, nh, n, W, hd) for t in (q, k, v))  # (B, nh, n, W, hd)
+        k, v = (torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[:, :, :-1], t], dim=3) for t in (k, v))  # (B, nh, n, 2W, hd)
+        lag = torch.arange(W, device=q.device)[:, None] + W - torch.arange(2 * W, device=q.device)  # (W, 2W)
+        key_position = (torch.arange(n, device=q.device)[:, None] - 1) * W + torch.arange(2 * W, device=q.device)  # (n, 2W)
+        allowed = (lag >= 0) & (lag < W) & (key_position >= 0)[:, None, :]  # (n, W, 2W)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)  # (B, nh, n, W, hd)
+        return y.reshape(B, nh, n * W, hd)[:, :, :T]
 
     def init_state(self, batch: int, device=None, dtype=None) -> AttentionState:
         """An empty cache: k and v each (B, n_head, 0, head_dim)."""

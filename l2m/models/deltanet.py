@@ -152,8 +152,8 @@ class DeltaNet(QKVMixer):
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple | None]:
         """x (b, T, d_model) -> (b, T, d_model); with a state (conv, recurrent), the state after x."""
-        with torch.autocast(x.device.type, enabled=False):
-            q, k, v, beta, log_decay, conv_state = self._inputs(x, None if state is None else state[0])
+        q, k, v, beta, log_decay, conv_state = self._inputs(x, None if state is None else state[0])
+        with torch.autocast(x.device.type, enabled=False):  # the recurrence in at least float32
             initial = None if state is None else state[1]
             if use_kernels("DeltaNet", self.backend, self.kernels, x):
                 o, final = delta_rule_kernel(q, k, v, beta, log_decay if self.decay == "gated" else None, initial)

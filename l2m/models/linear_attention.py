@@ -91,6 +91,38 @@ def _unchunk(y: Tensor, T: int) -> Tensor:
     return y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, d)[:, :T]
 
 
+def _channel_decayed_scores(q: Tensor, k: Tensor, cum: Tensor) -> Tensor:
+    """scores[l, s] = sum_k q[l, k] k[s, k] exp(cum[l, k] - cum[s, k]) for s <= l in each chunk, a decay
+    per key channel (GLA), in sub-chunks of S <= 8 tokens (Yang et al. 2024's secondary chunking).
+
+    q, k, cum: (b, h, c, Q, k) -> (b, h, c, Q, Q). Within a sub-chunk the differences are taken pairwise
+    (a (S, S, k) tensor); across sub-chunks they are factored through B_i, the log-decay at the start
+    of l's sub-chunk i: exp(cum[l] - B_i) · exp(B_i - cum[s]), both <= 1, so two matmuls serve.
+    """
+    b, h, c, Q, dk = q.shape
+    S = max(d for d in range(1, 9) if Q % d == 0)
+    n = Q // S
+    sub = torch.arange(Q, device=q.device) // S  # (Q,): each position's sub-chunk
+
+    # 1. within each sub-chunk: pairwise, (b, h, c, n, l, s)
+    q_sub, k_sub, cum_sub = (t.view(b, h, c, n, S, dk) for t in (q, k, cum))
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # (l, s)
+    gap = (cum_sub.unsqueeze(5) - cum_sub.unsqueeze(4)).masked_fill(~causal[:, :, None], -torch.inf)
+    within = torch.einsum("bhcnlk,bhcnsk,bhcnlsk->bhcnls", q_sub, k_sub, gap.exp())
+
+    # 2. from earlier sub-chunks, through B_i (0 for the first sub-chunk)
+    start = F.pad(cum_sub[..., :-1, -1, :], (0, 0, 1, 0))  # (b, h, c, n, k): B_i
+    q_from_start = q_sub * (cum_sub - start.unsqueeze(4)).exp()  # (b, h, c, n, S, k)
+    earlier = (sub[None, :] < torch.arange(n, device=q.device)[:, None])[:, :, None]  # (n, Q, 1): s before i
+    to_start = (start.unsqueeze(4) - cum.unsqueeze(3)).masked_fill(~earlier, -torch.inf)  # (b, h, c, n, Q, k)
+    across = q_from_start @ (k.unsqueeze(3) * to_start.exp()).transpose(-1, -2)  # (b, h, c, n, S, Q)
+
+    # 3. the sub-chunks' own blocks on the diagonal
+    diagonal = torch.eye(n, dtype=q.dtype, device=q.device).view(n, 1, n, 1)
+    scores = across.view(b, h, c, n, S, n, S) + within.unsqueeze(5) * diagonal  # (b, h, c, n, l, n', s)
+    return scores.reshape(b, h, c, Q, Q)
+
+
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, chunk_size: int,
                              initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """o_t = S_tᵀ q_t for S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_tᵀ, by chunks of Q tokens.
@@ -106,13 +138,13 @@ def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     cum = a.cumsum(dim=3)  # (b, h, c, Q, k|1): log-decay from the chunk start to l, inclusive
     causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()  # (l, s): s <= l
 
-    # 1. within chunks: o[l] = sum_{s<=l} (q[l] ⊙ exp(cum[l] - cum[s])) · k[s] v[s], the differences
-    #    taken pairwise (exp of each is <= 1: no overflow, however strong the decay)
-    gap = (cum.unsqueeze(4) - cum.unsqueeze(3)).masked_fill(~causal[:, :, None], -torch.inf)  # (b, h, c, l, s, k|1)
+    # 1. within chunks: o[l] = sum_{s<=l} (q[l] ⊙ exp(cum[l] - cum[s])) · k[s] v[s], every factor
+    #    exp(.) <= 1 (no overflow, however strong the decay)
     if a.shape[-1] == 1:
-        scores = (q @ k.transpose(-1, -2)) * gap.squeeze(-1).exp()  # (b, h, c, l, s)
+        gap = (cum - cum.transpose(-1, -2)).masked_fill(~causal, -torch.inf)  # (b, h, c, l, s)
+        scores = (q @ k.transpose(-1, -2)) * gap.exp()  # (b, h, c, l, s)
     else:
-        scores = torch.einsum("bhclk,bhcsk,bhclsk->bhcls", q, k, gap.exp())
+        scores = _channel_decayed_scores(q, k, cum)  # (b, h, c, l, s)
     o = scores @ v  # (b, h, c, l, v)
 
     # 2. each chunk's contribution to the state at its end: k[s] decayed from s to the end
@@ -274,9 +306,9 @@ class LinearAttention(QKVMixer):
         q, k, v, conv_state = self._qkv(x, None if state is None else state[0])
         q, k = self._feature_maps(q, k)
         f = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        inputs = (q.to(f), k.to(f), v.to(f), self._log_decay(x, f))
+        with torch.autocast(x.device.type, enabled=False):  # the recurrence in at least float32
             initial = None if state is None else state[1]
-            inputs = (q.to(f), k.to(f), v.to(f), self._log_decay(x, f))
             if use_kernels("linear attention", self.backend, self.kernels, x):
                 o, final = linear_attention_kernel(*inputs, initial)
             else:

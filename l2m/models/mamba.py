@@ -61,6 +61,11 @@ class MambaConfig(MixerConfig):
     def resolved_dt_rank(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
 
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The kernels backend='kernels' needs (l2m.models.kernels)."""
+        return KERNELS
+
     def _check(self) -> None:
         super()._check()
         self.choice("backend", BACKENDS)

@@ -66,6 +66,11 @@ class Mamba2Config(MixerConfig):
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.ngroups * self.d_state
 
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The kernels backend='kernels' needs (l2m.models.kernels)."""
+        return KERNELS
+
     def _check(self) -> None:
         super()._check()
         self.choice("backend", BACKENDS)
