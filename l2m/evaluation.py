@@ -9,7 +9,7 @@ the `copies` dimensions of a Gaussian token, averaged over sequences.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from l2m.checks import UserError
+
+
+@dataclass
+class HeldOut:
+    """The held-out batches an evaluation ran on (this DDP rank's share, on the model's device) and the
+    model's KL on each, (B, L) float64: what a reference is paired against, sequence by sequence."""
+
+    batches: list[Mapping[str, Tensor]]
+    kl: list[Tensor]
 
 
 @dataclass
@@ -30,6 +39,7 @@ class Positionwise:
     # standard error of avg_kl / avg_nll over the held-out sequences (each sequence's average)
     avg_stderr: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)  # other curves of the adapter, e.g. "accuracy"
+    heldout: HeldOut | None = None  # kept where asked (keep_heldout), for paired references
 
     def summary(self) -> dict[str, float | int | None]:
         """Averages over all positions (with their SE over sequences) and over the first and last
@@ -50,9 +60,11 @@ def evaluate_positionwise(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
     floor: Tensor | None = None,
+    keep_heldout: bool = False,
 ) -> Positionwise:
     """Average per-position KL and NLL of `model` (a SequenceModel) over `batches` (already on its
-    device); `floor` is the data's exact NLL floor, where known.
+    device); `floor` is the data's exact NLL floor, where known. keep_heldout: keep the batches and
+    the model's KL on each (`Positionwise.heldout`), where the adapter gives a KL.
 
     Under torch.distributed every rank passes its own share of the held-out set; sums and counts
     are all-reduced, so every rank returns the metrics of the whole set.
@@ -62,9 +74,13 @@ def evaluate_positionwise(
     sums: dict[str, Tensor] = {}
     squares: dict[str, Tensor] = {}  # Σ over sequences of (the sequence's average)²
     count = None
+    kept = HeldOut([], []) if keep_heldout else None
     for batch in batches:
         losses = model.losses(batch)
         del losses["loss"]
+        if kept is not None and "kl" in losses:
+            kept.batches.append(batch)
+            kept.kl.append(losses["kl"].double())
         for name, value in losses.items():  # (B, L) each
             sums[name] = sums.get(name, 0) + value.double().sum(0)
             squares[name] = squares.get(name, 0) + (value.double().mean(1) ** 2).sum()
@@ -95,7 +111,47 @@ def evaluate_positionwise(
         kl = means["nll"] - floor
         stderr["kl"] = stderr["nll"]  # each sequence's KL average is its NLL average minus a constant
     extra = {name: curve for name, curve in means.items() if name not in ("nll", "kl")}
-    return Positionwise(nll=means["nll"], kl=kl, floor=floor, num_sequences=total, avg_stderr=stderr, extra=extra)
+    return Positionwise(nll=means["nll"], kl=kl, floor=floor, num_sequences=total, avg_stderr=stderr, extra=extra,
+                        heldout=kept if kept and kept.kl else None)
+
+
+@dataclass
+class Paired:
+    """The model against a reference predictor on the same held-out sequences."""
+
+    reference: Tensor  # (L,) float64: the reference's KL_i on these sequences
+    difference: float  # model − reference: KL averaged over positions and sequences (nats/token)
+    se: float  # the SE of `difference` over sequences (each sequence's average difference)
+
+    def on(self, z: float = 2.0) -> bool:
+        """Within z paired SEs (an exact match, SE 0, within rounding)."""
+        return abs(self.difference) <= z * self.se + 1e-9
+
+
+def paired_reference(metrics: Positionwise, model: torch.nn.Module, prediction: Callable) -> Paired:
+    """The model's KL on its held-out sequences against the KL, under the model's own output adapter,
+    of `prediction(batch)` (a reference's prediction in the adapter's form): per position and as an
+    average difference with its paired SE. Sums are all-reduced under torch.distributed, as in
+    evaluate_positionwise, so every rank returns the whole set's numbers."""
+    if metrics.heldout is None:
+        raise UserError("paired references need the held-out batches: evaluate with keep_heldout=True")
+    heldout = metrics.heldout
+    curve = torch.zeros_like(heldout.kl[0][0])
+    differences = []
+    for batch, model_kl in zip(heldout.batches, heldout.kl):
+        reference = model.decoder.losses(prediction(batch), batch)["kl"].double()  # (B, L)
+        curve += reference.sum(0)
+        differences.append((model_kl - reference).mean(1))  # (B,)
+    differences = torch.cat(differences)
+    packed = torch.cat([curve, torch.stack([differences.sum(), (differences**2).sum(),
+                                            torch.tensor(float(len(differences)), device=curve.device)])])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(packed)
+    packed = packed.cpu()
+    total, seq_len = float(packed[-1]), len(curve)
+    mean = float(packed[seq_len]) / total
+    variance = (float(packed[seq_len + 1]) - total * mean**2) / max(total - 1, 1)
+    return Paired(reference=packed[:seq_len] / total, difference=mean, se=math.sqrt(max(variance, 0.0) / total))
 
 
 def splits_grid(seq_len: int, count: int = 24) -> list[int]:
@@ -112,6 +168,37 @@ class StateAnalysis:
     tail_kl: Tensor  # (L,): Σ_{j>i} KL_j of the model, the KL of Y = z_{i+1..L} given the split at i
     tail_bound: Tensor  # (L,): the linear-state bound at split i for the model's state there; nan off the grid
     summary: dict
+    # the window-k references on the held-out sequences themselves, e.g. "heldout_window4": (L,)
+    heldout_references: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _window_name(k: int) -> str:
+    return "nocontext" if k == 0 else f"window{k}"
+
+
+def _paired_windows(metrics: Positionwise, model: torch.nn.Module, data, windows: list[int],
+                    searched: int) -> tuple[dict[int, Paired], int | None] | None:
+    """The model against the exact window-k predictors on its own held-out sequences: for k in
+    `windows`, and by bisection the smallest k <= searched whose predictor does at least as well as
+    the model on them (None: none). None where the data has no window predictions."""
+    if metrics.heldout is None or data.window_prediction(0, metrics.heldout.batches[0]) is None:
+        return None
+    paired: dict[int, Paired] = {}
+
+    def against(k: int) -> Paired:
+        if k not in paired:
+            paired[k] = paired_reference(metrics, model, lambda batch: data.window_prediction(k, batch))
+        return paired[k]
+
+    for k in windows:
+        against(k)
+    if against(searched).difference < -1e-9:  # better than every window searched
+        return paired, None
+    low, high = 0, searched  # the window predictor's KL falls with k: find where it crosses the model's
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if against(middle).difference >= -1e-9 else (middle + 1, high)
+    return paired, low
 
 
 def analyse_state(
@@ -123,34 +210,64 @@ def analyse_state(
     context_fraction: float = 0.125,
     max_window: int = 512,
     bound_splits: int = 24,
+    paired_z: float = 2.0,
+    floor_tolerance: float = 0.02,
 ) -> StateAnalysis | None:
     """Is this model limited by its history state or by its training? None where the data has no
     exact references (`data.window_kl(0)` is None, e.g. natural text).
 
-    effective_context: the smallest window k (searched up to `max_window`) whose exact predictor's
-    average KL is at most the model's ("as good as a predictor that sees k tokens"; None: more).
     window_avg_kl: {"k": average KL of the exact window-k predictor} for k = 0 and `windows`.
+    Where the held-out batches were kept (evaluate_positionwise(keep_heldout=True)) and the data
+    predicts as the window-k predictor would (`window_prediction`), every comparison is paired: the
+    predictor runs on the model's own held-out sequences, so model − reference has an SE over
+    sequences and is 0 for a model that is that predictor. Else the references are expectations.
+
+    effective_context: the smallest window k (searched up to `max_window`) whose exact predictor's
+    KL is at most the model's ("as good as a predictor that sees k tokens"; None: more);
+    utilization: effective_context / L (long-context utilization).
+    floor_reference, kl_minus_floor (± kl_minus_floor_se, paired): the model against the best its
+    receptive field allows: the window-k predictor for a receptive field of k < L tokens
+    (sliding-window attention), else the exact conditional (KL 0). on_references: the references
+    the model matches within `paired_z` paired SEs.
     bound_half / tail_kl_half: the linear-state bound for the model's state at the data's
     `history_split` (its SSM state or KV cache: `SequenceModel.bound_state_size`) and the model's KL
-    summed over the positions after it. state_limited: tail KL within `tolerance` (relative) of the
-    bound. training_limited: above it by more, while the effective context is at most
-    `context_fraction`·split. Both None where the data knows no bound (`state_bound` is None).
+    summed over the positions after it.
+    Verdicts: with a bounded receptive field, state_limited = on the window floor of that field,
+    within `paired_z` paired SEs or `floor_tolerance` of it (relative: the SE alone shrinks with the
+    held-out set until no trained model sits on anything), training_limited = above by more; else state_limited = tail KL within
+    `tolerance` (relative) of the bound and training_limited = above it by more, while the
+    effective context is at most `context_fraction`·split (None where the data knows no bound).
     """
     nocontext = data.window_kl(0)
     if nocontext is None or metrics.kl is None:
         return None
     seq_len = len(metrics.kl)
     kl = metrics.kl
-    references = {"kl_nocontext": nocontext}
-    window_avg_kl = {"0": float(nocontext.mean())}
-    for k in sorted(set(windows)):
-        if 1 <= k < seq_len:
-            references[f"kl_window{k}"] = data.window_kl(k)
-            window_avg_kl[str(k)] = float(references[f"kl_window{k}"].mean())
     model_avg = float(kl.mean())
+    receptive = getattr(model, "receptive_field", None)
+    bounded = receptive is not None and receptive < seq_len
+    named = sorted({0} | {k for k in windows if 1 <= k < seq_len} | ({receptive} if bounded else set()))
+    references = {f"kl_{_window_name(k)}": data.window_kl(k) for k in named}
+    window_avg_kl = {str(k): float(data.window_kl(k).mean()) for k in named}
     searched = min(max_window, seq_len - 1)
-    data.window_kl(searched)  # every smaller window comes with it
-    effective = next((k for k in range(searched + 1) if float(data.window_kl(k).mean()) <= model_avg), None)
+
+    paired_result = _paired_windows(metrics, model, data, named, searched)
+    if paired_result is None:
+        data.window_kl(searched)  # every smaller window comes with it
+        effective = next((k for k in range(searched + 1) if float(data.window_kl(k).mean()) <= model_avg), None)
+        paired: dict[int, Paired] = {}
+    else:
+        paired, effective = paired_result
+
+    def floor_entry(name: str, difference: float, se: float | None) -> dict:
+        return {"floor_reference": name, "kl_minus_floor": difference, "kl_minus_floor_se": se}
+
+    if bounded and receptive in paired:
+        floor = floor_entry(_window_name(receptive), paired[receptive].difference, paired[receptive].se)
+    elif bounded:
+        floor = floor_entry(_window_name(receptive), model_avg - window_avg_kl[str(receptive)], None)
+    else:
+        floor = floor_entry("exact", model_avg, metrics.avg_stderr.get("kl"))
 
     tail_kl = kl.flip(0).cumsum(0).flip(0).roll(-1)  # tail_kl[i-1] = Σ_{j>i} KL_j (1-based i)
     tail_kl[-1] = 0.0
@@ -161,7 +278,11 @@ def analyse_state(
         tail_bound[split - 1] = float("nan") if bound is None else bound
     bound_half, tail_half = float(tail_bound[half - 1]), float(tail_kl[half - 1])
     verdicts = {"state_limited": None, "training_limited": None}
-    if not math.isnan(bound_half):
+    if bounded:  # the window floor of its receptive field: within z paired SEs or floor_tolerance of it
+        difference, floor_kl = floor["kl_minus_floor"], window_avg_kl[str(receptive)]
+        margin = max(paired_z * (floor["kl_minus_floor_se"] or 0.0), floor_tolerance * floor_kl) + 1e-9
+        verdicts = {"state_limited": bool(abs(difference) <= margin), "training_limited": bool(difference > margin)}
+    elif not math.isnan(bound_half):
         above = tail_half > (1 + tolerance) * bound_half + 1e-9
         verdicts = {
             "state_limited": bool(abs(tail_half - bound_half) <= tolerance * bound_half + 1e-9),
@@ -170,14 +291,23 @@ def analyse_state(
     summary = {
         "effective_context": effective,
         "effective_context_searched_up_to": searched,
+        "utilization": None if effective is None else effective / seq_len,
+        "paired_references": paired_result is not None,
         "window_avg_kl": window_avg_kl,
+        "heldout_window_kl": {str(k): float(p.reference.mean()) for k, p in sorted(paired.items()) if k in named},
+        "kl_minus_window": {str(k): [p.difference, p.se] for k, p in sorted(paired.items()) if k in named},
+        "on_references": [_window_name(k) for k, p in sorted(paired.items()) if k in named and p.on(paired_z)],
+        **floor,
         "dim_z_half_bound": int(model.bound_state_size(half)),
         "bound_half": None if math.isnan(bound_half) else bound_half,
         "tail_kl_half": tail_half,
         **verdicts,
         "verdict_tolerance": tolerance,
+        "paired_z": paired_z,
+        "floor_tolerance": floor_tolerance,
     }
-    return StateAnalysis(references, tail_kl, tail_bound, summary)
+    heldout = {f"heldout_{_window_name(k)}": p.reference for k, p in sorted(paired.items()) if k in named}
+    return StateAnalysis(references, tail_kl, tail_bound, summary, heldout)
 
 
 def convergence(history: list[tuple[int, float]], last_fraction: float = 0.2) -> dict:

@@ -278,6 +278,25 @@ def test_window_kl_equals_direct_schur_complements(kind, copies):
     assert float(fam.window_kl(63).abs().max()) == 0.0  # the whole past: the exact conditional
 
 
+@pytest.mark.parametrize("kind", ["subvolume", "log"])
+def test_window_prediction_is_the_direct_regression_on_the_last_k_tokens(kind):
+    fam = GaussianFamily(3, kind, copies=2)
+    cov, x = fam.covariance, fam.sample(3, torch.Generator().manual_seed(1))
+    z = x[:, 1:].double()
+    for k in (0, 1, 3, 16):
+        mean, std = fam.window_prediction(k, x)
+        assert mean.shape == (3, 64, 2) and std.shape == (1, 64, 2) and mean.dtype == torch.float64
+        for i in range(fam.seq_len):
+            given = list(range(max(0, i - k), i))
+            weights, variance = _conditional(cov, i, given)
+            expected = torch.einsum("bjc,j->bc", z[:, given], weights) if given else torch.zeros(3, 2, dtype=torch.float64)
+            torch.testing.assert_close(mean[:, i], expected, rtol=0, atol=1e-12)
+            assert float(std[0, i, 0]) ** 2 == pytest.approx(variance, abs=1e-12)
+    # with the whole past it is the exact conditional the batches carry
+    mean, _ = fam.window_prediction(63, x)
+    torch.testing.assert_close(mean.float(), fam.conditional(x)[0], rtol=0, atol=1e-5)
+
+
 def _inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(matrix)
     return vectors @ torch.diag(values**-0.5) @ vectors.T

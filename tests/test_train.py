@@ -49,9 +49,12 @@ def test_main_job_learns_and_reports_the_l2m_numbers(main_run):
     # tiny, briefly trained GPT is limited by its training, seeing about as much as a few-token window
     assert s["bound_half"] == 0.0 and s["tail_kl_half"] > 0 and s["dim_z_half_bound"] == s["dim_z_half_kv"]
     assert s["training_limited"] and not s["state_limited"] and 0 <= s["effective_context"] <= 4
-    family = GaussianFamily(3, copies=64)
+    # paired on the held-out sequences: the windows it does better than, and those it does not
     k = s["effective_context"]
-    assert float(family.window_kl(k).mean()) <= s["avg_kl"] < (float(family.window_kl(k - 1).mean()) if k else math.inf)
+    assert s["paired_references"] and s["utilization"] == k / 64 and s["receptive_field"] is None
+    for window, (difference, se) in s["kl_minus_window"].items():
+        assert (difference < 0) if int(window) < k else (difference >= 0), (window, difference)
+    assert s["floor_reference"] == "exact" and s["kl_minus_floor"] == s["avg_kl"]
     assert 0 < s["avg_kl_se"] < 0.1 * s["avg_kl"]
     assert len(s["heldout_history"]) == 21 and s["heldout_history"][0] == [0, s["initial_avg_kl"]]  # every 15 steps
     assert s["slope_last20"] is not None and s["still_falling"] == (s["slope_last20"] < -2 * s["slope_last20_se"])
@@ -64,7 +67,8 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
     with open(run_dir / "positionwise.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["position", "kl", "nll", "nll_floor", "kl_nocontext", "kl_window1", "kl_window4",
-                             "kl_window16", "tail_kl", "tail_bound"] and len(rows) == 64
+                             "kl_window16", "heldout_nocontext", "heldout_window1", "heldout_window4",
+                             "heldout_window16", "tail_kl", "tail_bound"] and len(rows) == 64
     family = GaussianFamily(3, copies=64)
     floor = family.conditional_entropy()
     tail = 0.0
@@ -72,6 +76,7 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
         assert float(row["tail_kl"]) == pytest.approx(tail, rel=1e-9, abs=1e-9)
         tail += float(row["kl"])
         assert float(row["kl_window4"]) == pytest.approx(float(family.window_kl(4)[i]), rel=1e-12)
+        assert float(row["heldout_window4"]) == 0.0 if i <= 4 else float(row["heldout_window4"]) > 0
     # the bound at L/2 for the model's KV cache there (2 x 2 layers x 64 x 32 tokens = 8,192 scalars)
     assert float(rows[31]["tail_bound"]) == family.linear_state_bound(8192, 32) == 0.0
     assert rows[7]["tail_bound"] == rows[39]["tail_bound"] == ""  # off the grid of splits (8 and 40)

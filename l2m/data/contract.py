@@ -54,6 +54,12 @@ class L2MData(Protocol):
     def window_kl(self, k: int) -> Tensor | None:
         """(L,) exact KL_i of the best predictor that sees only the last k tokens, None where unknown."""
 
+    def window_prediction(self, k: int, batch: Any) -> Any:
+        """What the exact best predictor that sees only the last k tokens predicts for a batch, in the
+        output adapter's form (mean, std for Gaussian tokens); None where unknown. Evaluated on the
+        held-out sequences themselves, it gives references paired with the model's KL."""
+        return None
+
     def state_bound(self, dim: int, split: int) -> float | None:
         """Least KL over positions split+1..L of any predictor that keeps `dim` scalars of the first
         `split` tokens (the linear-state form of the L²M bound), None where unknown."""
@@ -68,7 +74,7 @@ class L2MData(Protocol):
 
 _MEMBERS = ("task", "seq_len", "history_split", "history_split_label", "length_options", "runtime_options",
             "path_options", "reference_family", "answer_positions", "io_config", "bipartite_mi_half", "nll_floor",
-            "window_kl", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
+            "window_kl", "window_prediction", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
 
 
 def check_data(datamodule: object) -> L2MData:

@@ -316,7 +316,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     datamodule.setup("validate")
 
     with expected_warnings_silenced():
-        metrics = evaluate_heldout(model, datamodule, device)
+        metrics = evaluate_heldout(model, datamodule, device, keep_heldout=True)
     analysis = analyse_state(metrics, model, datamodule, **_plain(cfg.analysis))
     summary = run_summary(model, name, datamodule, metrics, step, analysis, callback_state.get("history"))
     summary = {**summary, **(callback_state.get("initial") or {}), "ckpt_path": source}

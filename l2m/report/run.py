@@ -26,7 +26,8 @@ def positionwise_rows(
     not computed at that position, e.g. tail_bound off its grid of splits)."""
     curves = {"kl": metrics.kl, "nll": metrics.nll, "nll_floor": metrics.floor}
     if analysis is not None:
-        curves |= {**analysis.references, "tail_kl": analysis.tail_kl, "tail_bound": analysis.tail_bound}
+        curves |= {**analysis.references, **analysis.heldout_references, "tail_kl": analysis.tail_kl,
+                   "tail_bound": analysis.tail_bound}
     columns = ["position"] + [name for name, curve in curves.items() if curve is not None]
 
     def value(x: torch.Tensor) -> float | None:
@@ -118,7 +119,8 @@ def plot_positionwise(
 # What the table shows of a summary besides its scalars: identifiers, curves, and settings.
 NOT_SHOWN = {"task", "reference_family", "history_split", "history_split_label", "num_sequences",
              "heldout_history", "window_avg_kl", "effective_context_searched_up_to", "verdict_tolerance",
-             "dim_z_half_bound", "avg_nll_floor", "nll_floor_first_quarter", "nll_floor_last_quarter", "step"}
+             "dim_z_half_bound", "avg_nll_floor", "nll_floor_first_quarter", "nll_floor_last_quarter", "step",
+             "paired_references", "paired_z", "floor_tolerance"}
 
 
 def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
@@ -134,7 +136,8 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         keys += ["initial_avg_kl", "avg_kl", "avg_kl_se", "kl_first_quarter", "kl_last_quarter"]
     else:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
-    keys += [key for key in ("answer_kl", "answer_accuracy", "effective_context", "tail_kl_half", "bound_half",
+    keys += [key for key in ("answer_kl", "answer_accuracy", "effective_context", "utilization", "receptive_field",
+                             "floor_reference", "kl_minus_floor", "kl_minus_floor_se", "tail_kl_half", "bound_half",
                              "state_limited", "training_limited", "still_falling") if key in summary]
     shown = set(keys) | NOT_SHOWN | {k for k in summary if k.startswith(("avg_", "initial_", "kl_", "nll_"))}
     keys += [key for key, value in summary.items()
@@ -149,6 +152,10 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "avg_kl_se": "avg_kl SE (sequences)",
         "avg_nll_se": "avg_nll SE (sequences)",
         "effective_context": "effective context (tokens)",
+        "utilization": "utilization (effective context / L)",
+        "floor_reference": "floor: best predictor of its receptive field",
+        "kl_minus_floor": "avg_kl − floor (same sequences)" if summary.get("paired_references") else "avg_kl − floor",
+        "kl_minus_floor_se": "its SE (paired over sequences)",
         "tail_kl_half": f"KL after {split} (sum)",
         "bound_half": f"linear-state bound after {split}",
         "answer_kl": "KL on the answers",

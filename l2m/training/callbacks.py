@@ -116,9 +116,10 @@ def model_name(model_config: Mapping[str, Any]) -> str:
     return model_config.get("name") or model_config.get("arch")
 
 
-def evaluate_heldout(model: Any, datamodule: Any, device: Any) -> Positionwise:
-    """Position-wise metrics of a model (on `device`) on the datamodule's held-out set."""
-    return evaluate_positionwise(model, heldout_batches(datamodule, device), datamodule.nll_floor())
+def evaluate_heldout(model: Any, datamodule: Any, device: Any, keep_heldout: bool = False) -> Positionwise:
+    """Position-wise metrics of a model (on `device`) on the datamodule's held-out set; keep_heldout:
+    with the batches kept, for the paired references of the final analysis."""
+    return evaluate_positionwise(model, heldout_batches(datamodule, device), datamodule.nll_floor(), keep_heldout)
 
 
 class PositionwiseCallback(L.Callback):
@@ -142,8 +143,8 @@ class PositionwiseCallback(L.Callback):
         self.history: list[tuple[int, float]] = []
         self.summary: dict[str, Any] | None = None
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Positionwise:
-        metrics = evaluate_heldout(pl_module.model, trainer.datamodule, pl_module.device)
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> Positionwise:
+        metrics = evaluate_heldout(pl_module.model, trainer.datamodule, pl_module.device, keep_heldout=final)
         values = {**metrics.summary(), **_answer_metrics(metrics, trainer.datamodule)}
         averages = {f"val/{k}": v for k, v in values.items() if isinstance(v, float)}
         for logger in trainer.loggers:
@@ -171,7 +172,7 @@ class PositionwiseCallback(L.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = self._evaluate(trainer, pl_module)
+        metrics = self._evaluate(trainer, pl_module, final=True)
         data, model = trainer.datamodule, pl_module.model
         analysis = analyse_state(metrics, model, data, **self.analysis)
         name = model_name(pl_module.hparams["model"])

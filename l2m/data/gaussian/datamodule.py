@@ -103,6 +103,10 @@ class GaussianDataModule(DrawnDataModule):
         """(L,) float64: exact KL_i of the best predictor that sees the last k tokens."""
         return self.family.window_kl(k)
 
+    def window_prediction(self, k: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact window-k predictor's (mean, std) for a batch of sequences: its KL averages to window_kl(k)."""
+        return self.family.window_prediction(k, batch["x"])
+
     def state_bound(self, dim: int, split: int) -> float:
         """Least KL over positions split+1..L of a predictor that keeps dim scalars, linear in z_1..z_split."""
         return self.family.linear_state_bound(dim, split)

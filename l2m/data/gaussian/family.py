@@ -165,29 +165,44 @@ def _window_variances(levels: int, kind: str, max_window: int) -> torch.Tensor:
     return cached[:, : max_window + 1]
 
 
-def _compute_window_variances(levels: int, kind: str, max_window: int) -> torch.Tensor:
-    """Var(z_i | the last k tokens) for k = 0..max_window, (L, max_window + 1) (one copy).
-
-    For each position, the Cholesky factor C of the covariance of its past in reverse order
-    (z_{i−1}, z_{i−2}, ...) whitens the past nearest-first, so w = C⁻¹ Cov(past, z_i) gives every
-    window at once: Var(z_i | last k) = 1 − Σ_{j≤k} w_j². Positions with a shorter past pad it with
-    independent unit variables (w_j = 0 there). Cost L·K³/3 flops for K = max_window, in chunks
-    of positions that keep each batch of K×K blocks near 64 MB.
-    """
+def _past_blocks(levels: int, kind: str, k: int):
+    """For chunks of positions, nearest first: (first position, Cholesky factors C of Cov(past) (n, k, k),
+    w = C⁻¹ Cov(past, z_i) (n, k)). Positions with a shorter past pad it with independent unit
+    variables (w_j = 0 there). Chunks keep each batch of k×k blocks near 64 MB; cost L·k³/3 flops."""
     cov = _covariance(levels, kind)
-    seq_len, k = cov.shape[0], max_window
+    seq_len = cov.shape[0]
     padded = torch.eye(seq_len + k, dtype=torch.float64)  # k independent unit variables first
     padded[k:, k:] = cov
-    out = torch.empty(seq_len, k + 1, dtype=torch.float64)
     chunk = max(1, (64 << 20) // (8 * max(k, 1) ** 2))
     for start in range(0, seq_len, chunk):
         i = torch.arange(start, min(start + chunk, seq_len)) + k  # positions in the padded matrix
         past = i[:, None] - 1 - torch.arange(k)  # (n, k): nearest first
-        blocks = padded[past[:, :, None], past[:, None, :]]  # (n, k, k)
+        factors = torch.linalg.cholesky(padded[past[:, :, None], past[:, None, :]])  # (n, k, k)
         cross = padded[past, i[:, None]]  # (n, k)
-        w = torch.linalg.solve_triangular(torch.linalg.cholesky(blocks), cross[..., None], upper=False)[..., 0]
-        out[start : start + len(i), 0] = 1.0
-        out[start : start + len(i), 1:] = 1.0 - torch.cumsum(w**2, dim=1)
+        yield start, factors, torch.linalg.solve_triangular(factors, cross[..., None], upper=False)[..., 0]
+
+
+def _compute_window_variances(levels: int, kind: str, max_window: int) -> torch.Tensor:
+    """Var(z_i | the last k tokens) for k = 0..max_window, (L, max_window + 1) (one copy).
+
+    C whitens each position's past nearest-first, so w = C⁻¹ Cov(past, z_i) gives every window at
+    once: Var(z_i | last k) = 1 − Σ_{j≤k} w_j².
+    """
+    seq_len = 4**levels
+    out = torch.ones(seq_len, max_window + 1, dtype=torch.float64)
+    for start, _, w in _past_blocks(levels, kind, max_window):
+        out[start : start + len(w), 1:] = 1.0 - torch.cumsum(w**2, dim=1)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _window_coefficients(levels: int, kind: str, k: int) -> torch.Tensor:
+    """(L, k) float64: β_i with E[z_i | the last k tokens] = Σ_j β_ij z_{i−1−j} (nearest first):
+    β = C⁻ᵀ w from the same factors as the variances."""
+    out = torch.zeros(4**levels, k, dtype=torch.float64)
+    for start, factors, w in _past_blocks(levels, kind, k):
+        beta = torch.linalg.solve_triangular(factors.transpose(-1, -2), w[..., None], upper=True)[..., 0]
+        out[start : start + len(w)] = beta
     return out
 
 
@@ -275,6 +290,25 @@ class GaussianFamily:
         kl = (self.copies * 0.5 * (variances.log() - 2 * self.conditional_std.log())).clamp(min=0.0)
         kl[: k + 1] = 0.0  # positions whose whole past fits in the window: exactly 0, not rounding
         return kl
+
+    def window_prediction(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best predictor of each z_i that sees only the last k tokens, on sequences x shaped like
+        `sample`'s output (B, L+1, copies): its (mean (B, L, copies), std (1, L, copies)), float64 on
+        x.device. Averaged over sequences its KL to the exact conditional is `window_kl(k)`; on a
+        fixed held-out set it is that set's own floor for a window-k model. Cost: L·k³/3 flops once
+        per k, then B·L·copies·k."""
+        check_int("k", k, 0, self.seq_len - 1)
+        if x.dim() != 3 or x.shape[1:] != (self.seq_len + 1, self.copies):
+            raise UserError(f"x must have shape (batch, {self.seq_len + 1}, {self.copies}) = (batch, L+1, copies) "
+                            f"with BOS at index 0, got {tuple(x.shape)}")
+        z = x[:, 1:].to(torch.float64)  # (B, L, copies)
+        variance = _window_variances(self.levels, self.kind, k)[:, k].to(z.device)  # (L,)
+        mean = torch.zeros_like(z)
+        if k:
+            beta = _window_coefficients(self.levels, self.kind, k).to(z.device)  # (L, k)
+            for j in range(k):  # z_{i-1-j}, zero before the sequence
+                mean[:, j + 1 :] += beta[j + 1 :, j, None] * z[:, : self.seq_len - 1 - j]
+        return mean, variance.sqrt()[None, :, None].expand(1, self.seq_len, self.copies)
 
     def canonical_correlations(self, split: int | None = None) -> torch.Tensor:
         """Canonical correlations ρ_1 ≥ ρ_2 ≥ ... (float64) between X = z_1..z_split and

@@ -1,0 +1,119 @@
+"""Paired exact references: the model's KL against the exact window-k predictor on the same held-out
+sequences, so that "model − floor" has a paired SE and is 0 for a model that is the floor."""
+
+import pytest
+import torch
+
+from l2m.data.gaussian import GaussianDataModule
+from l2m.evaluation import analyse_state, evaluate_positionwise, paired_reference
+from l2m.models.adapters import GaussianOutput
+from l2m.training.callbacks import heldout_batches
+
+
+class RegressionOnTheLastTokens(torch.nn.Module):
+    """The best predictor that sees the last k tokens, by a direct solve of Σ per position (not the
+    family's code), with its mean shifted by `shift`; it reads the batch as SequenceModel.losses does."""
+
+    def __init__(self, data: GaussianDataModule, k: int, shift: float = 0.0):
+        super().__init__()
+        self.k, self.shift, self.receptive_field = k, shift, k
+        self.decoder = GaussianOutput(data.family.copies, 8)  # its losses only: the KL the models are scored by
+        cov = data.family.covariance
+        L = cov.shape[0]
+        self.weights = torch.zeros(L, L, dtype=torch.float64)  # mean_i = Σ_j W_ij z_j over the last k
+        self.std = torch.zeros(L, dtype=torch.float64)
+        for i in range(L):
+            given = list(range(max(0, i - k), i))
+            if given:
+                self.weights[i, given] = torch.linalg.solve(cov[given][:, given], cov[given, i])
+            self.std[i] = (cov[i, i] - self.weights[i] @ cov[:, i]).sqrt()
+
+    def predict(self, batch):
+        z = batch["x"][:, 1:].double()  # (B, L, copies)
+        return torch.einsum("ij,bjc->bic", self.weights, z) + self.shift, self.std[None, :, None].expand_as(z[:1])
+
+    def losses(self, batch):
+        return self.decoder.losses(self.predict(batch), batch)
+
+    def bound_state_size(self, n_past):
+        return min(n_past, self.k)
+
+
+@pytest.fixture(scope="module")
+def data():
+    data = GaussianDataModule(levels=3, copies=4, val_size=48, batch_size=16)
+    data.setup("validate")
+    return data
+
+
+def measured(model, data):
+    metrics = evaluate_positionwise(model, heldout_batches(data, "cpu"), data.nll_floor(), keep_heldout=True)
+    return metrics, analyse_state(metrics, model, data, windows=(1, 4, 16))
+
+
+def test_the_exact_window_predictor_lands_on_its_floor(data):
+    metrics, analysis = measured(RegressionOnTheLastTokens(data, 4), data)
+    s = analysis.summary
+    assert s["paired_references"] and s["floor_reference"] == "window4"
+    assert abs(s["kl_minus_floor"]) < 1e-9 and s["kl_minus_floor_se"] < 1e-8
+    assert s["state_limited"] and not s["training_limited"] and "window4" in s["on_references"]
+    assert s["effective_context"] == 4 and s["utilization"] == 4 / 64
+    # the floor on these sequences is the model's own KL; its expectation is window_kl(4)
+    torch.testing.assert_close(analysis.heldout_references["heldout_window4"], metrics.kl, rtol=0, atol=1e-9)
+    expected, se = float(data.window_kl(4).mean()), metrics.avg_stderr["kl"]
+    assert s["heldout_window_kl"]["4"] == pytest.approx(expected, abs=4 * se)
+    # a sample, not the expectation: the unpaired difference is off by sampling noise, which pairing removes
+    assert abs(metrics.kl.mean() - expected) > 1e3 * abs(s["kl_minus_floor"])
+    # windows it sees less than it: above them by many SEs; more than it: below
+    for k, (difference, se) in s["kl_minus_window"].items():
+        if k != "4":
+            assert (difference < -3 * se) if int(k) < 4 else (difference > 3 * se), (k, difference, se)
+
+
+def test_a_known_perturbation_of_the_floor_is_measured_with_its_paired_se(data):
+    shift = 0.1
+    model = RegressionOnTheLastTokens(data, 4, shift)
+    metrics, analysis = measured(model, data)
+    s = analysis.summary
+    # per sequence: KL(p || q + δ) − KL(p || q) = (δ² − 2δ(μ_p − μ_q)) / (2σ_q²), summed over copies
+    exact = []
+    for batch in heldout_batches(data, "cpu"):
+        mean_q, std_q = RegressionOnTheLastTokens(data, 4).predict(batch)
+        per_token = ((shift**2 - 2 * shift * (batch["mean"].double() - mean_q)) / (2 * std_q**2)).sum(-1)
+        exact.append(per_token.mean(1))
+    exact = torch.cat(exact)
+    assert s["kl_minus_floor"] == pytest.approx(float(exact.mean()), rel=1e-5)
+    assert s["kl_minus_floor_se"] == pytest.approx(float(exact.std() / len(exact) ** 0.5), rel=1e-3)
+    # its expectation: δ²/2 Σ_copies 1/σ_q², averaged over positions
+    expectation = float((4 * shift**2 / (2 * model.std**2)).mean())
+    assert s["kl_minus_floor"] == pytest.approx(expectation, abs=3 * s["kl_minus_floor_se"])
+    assert s["kl_minus_floor"] > 2 * s["kl_minus_floor_se"]
+    assert s["kl_minus_floor"] > 0.02 * s["window_avg_kl"]["4"]  # beyond floor_tolerance of it, too
+    assert s["training_limited"] and not s["state_limited"] and "window4" not in s["on_references"]
+
+
+def test_a_model_significantly_but_slightly_above_its_floor_still_sits_on_it(data):
+    s = measured(RegressionOnTheLastTokens(data, 4, shift=0.02), data)[1].summary
+    assert 2 * s["kl_minus_floor_se"] < s["kl_minus_floor"] < 0.02 * s["window_avg_kl"]["4"]
+    assert "window4" not in s["on_references"]  # detectably above it, on these 48 sequences
+    assert s["state_limited"] and not s["training_limited"]  # but within floor_tolerance: the window binds
+
+
+def test_an_unbounded_model_is_held_to_the_exact_conditional_and_the_state_bound(data):
+    model = RegressionOnTheLastTokens(data, 63)  # the whole past, as a full-context model sees it
+    model.receptive_field = None
+    metrics, analysis = measured(model, data)
+    s = analysis.summary
+    assert s["floor_reference"] == "exact" and s["kl_minus_floor"] == pytest.approx(float(metrics.kl.mean()))
+    assert s["kl_minus_floor"] < 1e-5 and s["effective_context"] <= 63
+    assert s["bound_half"] == pytest.approx(data.state_bound(32, 32)) and s["state_limited"] is not None
+
+
+def test_paired_references_need_the_kept_batches(data):
+    model = RegressionOnTheLastTokens(data, 1)
+    metrics = evaluate_positionwise(model, heldout_batches(data, "cpu"), data.nll_floor())
+    with pytest.raises(ValueError, match="keep_heldout=True"):
+        paired_reference(metrics, model, lambda batch: data.window_prediction(1, batch))
+    # without them the analysis falls back to the references' expectations
+    s = analyse_state(metrics, model, data).summary
+    assert not s["paired_references"] and s["kl_minus_floor_se"] is None and s["kl_minus_window"] == {}
