@@ -102,11 +102,11 @@ def test_the_report_of_real_runs_has_its_figures_table_and_references(multirun, 
 
 
 def make_run(root: Path, name: str, model: dict, summary: dict, seed: int = 0, levels: int = 2, copies: int = 4,
-             data: dict | None = None):
+             data: dict | None = None, optim: dict | None = None):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     data = data or {"levels": levels, "copies": copies, "kind": "subvolume", "seed": 0}
-    config = {"model": model, "data": data, "seed": seed, "run_dir": str(run_dir)}
+    config = {"model": model, "data": data, "seed": seed, "run_dir": str(run_dir), "optim": optim or {"lr": 3e-3}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     base = {"model": model.get("name", model["arch"]), "seq_len": 4**levels, "step": 100, "params": 1000,
             "dim_z_half": summary["dim_z"], "dim_z_half_bound": summary["dim_z"], "i_bp_half": 10.0}
@@ -178,3 +178,35 @@ def test_recall_runs_collapse_on_their_answer_kl(tmp_path):
         assert float(row["kl"]) == float(row["answer_kl"]) != float(row["avg_kl"])
         assert float(row["answer_accuracy"]) == 0.5
     assert "| answer KL | answer acc. |" in result.stdout
+
+
+def test_an_lr_grid_reports_its_best_run_with_the_grids_spread_and_edge(tmp_path):
+    # An lr grid under two model configs, KLs built so that mamba's best lr is inside its grid and
+    # the sliding-window GPT's at the edge; two seeds at one lr are averaged before the grid is read.
+    root = tmp_path / "runs"
+    mamba = {"name": "tiny-mamba", "arch": "mamba", "d_state": 4}
+    swa = {"name": "tiny-swa", "arch": "gpt", "window": 4}
+    for lr, mamba_kl, swa_kl in ((1e-3, 0.9, 0.70), (3e-3, 0.5, 0.60), (1e-2, 0.8, 0.55)):
+        make_run(root, f"mamba-{lr}", mamba, {"dim_z": 256, "avg_kl": mamba_kl}, optim={"lr": lr})
+        floor = {"floor_reference": "window4", "kl_minus_floor": swa_kl - 0.5, "kl_minus_floor_se": 0.01,
+                 "receptive_field": 4, "utilization": 0.25}
+        make_run(root, f"swa-{lr}", swa, {"dim_z": 512, "avg_kl": swa_kl, **floor}, optim={"lr": lr})
+    make_run(root, "mamba-3e-3-seed1", mamba, {"dim_z": 256, "avg_kl": 0.3}, optim={"lr": 3e-3}, seed=1)
+
+    result = run_sweep(str(root), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(tmp_path / "report" / "sweep.csv")
+    assert len(rows) == 6  # every lr of both grids, the two seeds in one row
+    best = {r["model"]: r for r in rows if r["best_of_grid"] == "True"}
+    assert set(best) == {"tiny-mamba", "tiny-swa"}
+    assert float(best["tiny-mamba"]["lr"]) == 3e-3 and float(best["tiny-mamba"]["avg_kl"]) == pytest.approx(0.4)
+    assert best["tiny-mamba"]["best_lr_at_edge"] == "False" and float(best["tiny-mamba"]["grid_kl_max"]) == 0.9
+    assert float(best["tiny-swa"]["lr"]) == 1e-2 and best["tiny-swa"]["best_lr_at_edge"] == "True"
+    assert best["tiny-swa"]["lr_grid"] == "0.001 0.003 0.01"
+    assert best["tiny-swa"]["floor_reference"] == "window4"
+    assert float(best["tiny-swa"]["kl_minus_floor"]) == pytest.approx(0.05)
+    # the table shows the best run of each grid, with the grid and the floor of its receptive field
+    table = result.stdout.split("collapse")[0]
+    assert table.count("\n| mamba |") == 1 and table.count("\n| gpt |") == 1
+    assert "| lr | lr grid | grid's worst KL | best lr at edge |" in table
+    assert "| floor | KL − floor | ± paired SE |" in table

@@ -42,14 +42,17 @@ COLUMNS = [
     "run_dir", "series", "model", "arch", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
     "dim_z_total", "i_bp_half", "ratio", "kl", "kl_spread", "avg_kl", "avg_kl_se", "avg_kl_spread", "avg_kl_per_copy",
     "answer_kl", "answer_accuracy",
-    "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "tail_kl_half", "bound_half",
-    "state_limited", "training_limited", "converged",
+    "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "utilization", "receptive_field",
+    "floor_reference", "kl_minus_floor", "kl_minus_floor_se", "tail_kl_half", "bound_half",
+    "state_limited", "training_limited", "converged", "lr", "lr_grid", "grid_kl_max", "best_lr_at_edge", "best_of_grid",
 ]
 NEEDED = ["model", "seq_len", "dim_z_half", "i_bp_half", "avg_kl"]
 # History-state parts that count for --state ssm in summaries written before dim_z_half_bound existed.
 SSM_PARTS = ("ssm", "kv")
 # Settings that tell apart runs of one configuration, not the configuration.
 SEED_KEYS = ("seed", "data.seed")
+# Settings of an lr grid under one configuration: the report keeps each grid's best run (lowest KL).
+GRID_KEYS = ("optim.lr",)
 NOT_CONFIG = ("run_dir", "ckpt_path")
 WINDOWS = (0, 1, 4, 16)  # exact references drawn in the figures (0: no context)
 
@@ -187,6 +190,12 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "answer_kl": s.get("answer_kl"),
             "answer_accuracy": s.get("answer_accuracy"),
             "effective_context": s.get("effective_context"),
+            "utilization": s.get("utilization"),
+            "receptive_field": s.get("receptive_field"),
+            "floor_reference": s.get("floor_reference"),
+            "kl_minus_floor": s.get("kl_minus_floor"),
+            "kl_minus_floor_se": s.get("kl_minus_floor_se"),
+            "lr": _learning_rate(record),
             "tail_kl_half": s.get("tail_kl_half"),
             "bound_half": s.get("bound_half"),
             "state_limited": s.get("state_limited"),
@@ -195,11 +204,12 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "_split": s.get("history_split_label", "L/2"),
             "_references": (s.get("reference_family"), s["seq_len"], s.get("window_avg_kl")),
             "_group": _seedless(record),
+            "_grid": _seedless(record, GRID_KEYS),
             "_history": record.history,
         })
         rows[-1].update(_more_numbers(s, rows[-1]))
     rows.sort(key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
-    return average_seeds(rows), skipped
+    return best_of_grids(average_seeds(rows)), skipped
 
 
 # Summary keys that are not columns: lists, curves, identifiers, and what other columns hold.
@@ -221,12 +231,17 @@ def _varying(configs: list[dict], arch: str | None) -> list[str]:
     return sorted(k for k in keys if len({json.dumps(c.get(k)) for c in same_arch}) > 1)
 
 
-def _seedless(record: RunRecord) -> str:
-    """The run's configuration without its seeds: runs with equal keys differ only in seed."""
+def _seedless(record: RunRecord, also: tuple[str, ...] = ()) -> str:
+    """The run's configuration without its seeds (and the keys `also`): runs with equal keys differ only there."""
     if not record.config:
         return str(record.run_dir)
     flat = _flatten(record.config)
-    return json.dumps({k: v for k, v in flat.items() if k not in SEED_KEYS + NOT_CONFIG}, sort_keys=True, default=str)
+    ignored = SEED_KEYS + NOT_CONFIG + also
+    return json.dumps({k: v for k, v in flat.items() if k not in ignored}, sort_keys=True, default=str)
+
+
+def _learning_rate(record: RunRecord) -> float | None:
+    return ((record.config or {}).get("optim") or {}).get("lr")
 
 
 def average_seeds(rows: list[dict]) -> list[dict]:
@@ -253,6 +268,31 @@ def average_seeds(rows: list[dict]) -> list[dict]:
         row["run_dir"] = ";".join(r["run_dir"] for r in group)
         merged.append(row)
     return sorted(merged, key=lambda r: (r["series"], r["seq_len"], r["run_dir"]))
+
+
+def best_of_grids(rows: list[dict]) -> list[dict]:
+    """Rows that differ only in their learning rate are one lr grid under one configuration: every row
+    gets best_of_grid (the grid's lowest KL, the row the table and figures show), and where the grid
+    has two lrs or more, lr_grid, grid_kl_max (the grid's worst KL: its spread with the best) and, on
+    the best row, best_lr_at_edge (a wider grid may do better)."""
+    grids: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        grids[row["_grid"]].append(row)
+    for grid in grids.values():
+        best = min(grid, key=lambda r: r["kl"])
+        rates = sorted({r["lr"] for r in grid if r["lr"] is not None})
+        for row in grid:
+            row["best_of_grid"] = row is best
+            if len(rates) > 1:
+                row["lr_grid"] = " ".join(format_number(lr) for lr in rates)
+                row["grid_kl_max"] = max(r["kl"] for r in grid)
+                row["best_lr_at_edge"] = best["lr"] in (rates[0], rates[-1]) if row is best else None
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """The best run of every lr grid (every row where the sweep has no grid)."""
+    return [row for row in rows if row["best_of_grid"]]
 
 
 def _r_squared(y: np.ndarray, *regressors: np.ndarray) -> float | None:
@@ -322,6 +362,14 @@ def split_label(rows: list[dict]) -> str:
     return " / ".join(sorted({r["_split"] for r in rows}))
 
 
+def _receptive_floor(row: dict) -> float | None:
+    """The KL of the best predictor the run's receptive field allows (a window floor, measured on the
+    run's own held-out sequences), where it is bounded: what a state-limited run sits on."""
+    if row.get("floor_reference") in (None, "exact") or row.get("kl_minus_floor") is None or row["answer_kl"] is not None:
+        return None
+    return row["avg_kl"] - row["kl_minus_floor"]
+
+
 def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict | None = None,
                references: dict | None = None) -> None:
     """(a) KL vs L per series with window references, (b) KL vs I_BP / dim(z) per architecture with
@@ -335,6 +383,11 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
         style = dict(marker=markers[i % len(markers)], color=f"C{i % 10}", label=series, ms=6)
         spread = [r["kl_spread"] or 0.0 for r in runs]
         ax_len.errorbar([r["seq_len"] for r in runs], [r["kl"] for r in runs], yerr=spread, lw=1, capsize=2, **style)
+        floored = [r for r in runs if _receptive_floor(r) is not None]
+        if floored:
+            ax_len.plot([r["seq_len"] for r in floored], [_receptive_floor(r) for r in floored], ls="--", lw=1,
+                        marker=style["marker"], ms=8, mfc="none", color=style["color"],
+                        label=f"{series}: exact floor of its receptive field")
         # points only: what matters is the collapse across series, not an order in L
         ax_ratio.errorbar([r["ratio"] for r in runs], [r["kl"] for r in runs], yerr=spread, ls="none", **style)
         for r in runs:
@@ -454,14 +507,19 @@ TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_
          ("ratio", "I_BP/dim(z)"), ("avg_kl", "avg KL"), ("avg_kl_se", "± SE"), ("avg_kl_spread", "seed SD"),
          ("avg_kl_per_copy", "KL/copy"), ("answer_kl", "answer KL"), ("answer_accuracy", "answer acc."),
          ("kl_first_quarter", "KL 1st q"), ("kl_last_quarter", "KL last q"),
-         ("effective_context", "eff. context"), ("tail_kl_half", "KL after split"), ("bound_half", "bound"),
-         ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged")]
+         ("effective_context", "eff. context"), ("utilization", "utilization"), ("receptive_field", "receptive field"),
+         ("floor_reference", "floor"), ("kl_minus_floor", "KL − floor"), ("kl_minus_floor_se", "± paired SE"),
+         ("tail_kl_half", "KL after split"), ("bound_half", "bound"),
+         ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged"),
+         ("lr", "lr"), ("lr_grid", "lr grid"), ("grid_kl_max", "grid's worst KL"), ("best_lr_at_edge", "best lr at edge")]
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(header for _, header in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    """The TABLE columns that some row fills (a sweep without an lr grid or windows has no such columns)."""
+    table = [(key, header) for key, header in TABLE if any(row.get(key) is not None for row in rows)]
+    lines = ["| " + " | ".join(header for _, header in table) + " |", "|" + "---|" * len(table)]
     for row in rows:
-        lines.append("| " + " | ".join(format_number(row.get(key)) for key, _ in TABLE) + " |")
+        lines.append("| " + " | ".join(format_number(row.get(key)) for key, _ in table) + " |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from l2m.checks import UserError, one_line_errors
 from l2m.report.sweep import (
+    best_rows,
     collapse_metrics,
     find_runs,
     plot_learning_curves,
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     records = find_runs(args.dirs)
-    rows, skipped = sweep_rows(records, args.state)
-    if not rows:
+    every_row, skipped = sweep_rows(records, args.state)
+    if not every_row:
         finished = sum(r.summary is not None for r in records)
         raise UserError(
             f"none of the {finished} summary.json files has i_bp_half, avg_kl and the history-state "
@@ -47,9 +48,10 @@ def _report(args: argparse.Namespace) -> int:
         )
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
+    rows = best_rows(every_row)  # sweep.csv keeps every run of an lr grid; the table and figures, its best
     collapse = collapse_metrics(rows)
     paths = {"csv": out / "sweep.csv", "plot": out / "sweep.png", "report": out / "report.md"}
-    write_csv(rows, paths["csv"])
+    write_csv(every_row, paths["csv"])
     plot_sweep(rows, paths["plot"], args.state, collapse, window_references(rows))
     figures = {"sweep": paths["plot"]}
     figures.update({p.stem: p for p in plot_overlays(rows, out)})
