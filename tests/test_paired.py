@@ -6,8 +6,9 @@ import torch
 
 from l2m.data.gaussian import GaussianDataModule
 from l2m.evaluation import analyse_state, evaluate_positionwise, paired_reference
+from l2m.models import GPTConfig, build_model
 from l2m.models.adapters import GaussianOutput
-from l2m.training.callbacks import heldout_batches
+from l2m.training.callbacks import heldout_batches, history_state_summary
 
 
 class RegressionOnTheLastTokens(torch.nn.Module):
@@ -117,3 +118,11 @@ def test_paired_references_need_the_kept_batches(data):
     # without them the analysis falls back to the references' expectations
     s = analyse_state(metrics, model, data).summary
     assert not s["paired_references"] and s["kl_minus_floor_se"] is None and s["kl_minus_window"] == {}
+
+
+def test_a_window_of_one_token_keeps_no_state_and_is_still_summarized(data):
+    # attention to itself only: nothing of the past reaches the future, I_BP / dim(z) is no number
+    model = build_model(GPTConfig(n_layer=1, d_model=16, n_head=2, window=1), data.io_config())
+    summary = history_state_summary(model, data)
+    assert summary["dim_z_half"] == 0 and summary["ratio"] is None and summary["receptive_field"] == 1
+    assert summary["i_bp_half"] == pytest.approx(data.bipartite_mi_half())

@@ -150,7 +150,7 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
         if s is None:
             continue
         dim_z = state_dim(s, state) if all(s.get(k) is not None for k in NEEDED) else None
-        if not dim_z:
+        if dim_z is None:
             skipped += 1
             continue
         usable.append((record, dim_z))
@@ -175,7 +175,7 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "dim_z": dim_z,
             "dim_z_total": s["dim_z_half"],
             "i_bp_half": s["i_bp_half"],
-            "ratio": s["i_bp_half"] / dim_z,
+            "ratio": s["i_bp_half"] / dim_z if dim_z else None,  # no state: off figure (b) and the collapse
             # the KL the figures and the collapse compare: where the data has answer positions
             # (associative recall), the KL there, where the state is tested; else the average KL
             "kl": s["avg_kl"] if s.get("answer_kl") is None else s["answer_kl"],
@@ -310,7 +310,7 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
     for families that span two lengths or more (at one L, any monotone trend in the state fits)."""
     out = {}
     for arch in sorted({r["arch"] for r in rows}):
-        runs = [r for r in rows if r["arch"] == arch and r["kl"] > 0]
+        runs = [r for r in rows if r["arch"] == arch and r["kl"] > 0 and r["ratio"] is not None]
         y = np.log([r["kl"] for r in runs])
         ratio = np.log([r["ratio"] for r in runs])
         length = np.log([r["seq_len"] for r in runs])
@@ -389,8 +389,10 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
                         marker=style["marker"], ms=8, mfc="none", color=style["color"],
                         label=f"{series}: exact floor of its receptive field")
         # points only: what matters is the collapse across series, not an order in L
-        ax_ratio.errorbar([r["ratio"] for r in runs], [r["kl"] for r in runs], yerr=spread, ls="none", **style)
-        for r in runs:
+        stateful = [r for r in runs if r["ratio"] is not None]
+        ax_ratio.errorbar([r["ratio"] for r in stateful], [r["kl"] for r in stateful],
+                          yerr=[r["kl_spread"] or 0.0 for r in stateful], ls="none", **style)
+        for r in stateful:
             ax_ratio.annotate(f"L={r['seq_len']}", (r["ratio"], r["kl"]), textcoords="offset points",
                               xytext=(4, 4), fontsize=7, color=style["color"])
         bounded = [r for r in runs if r.get("bound_half") is not None and r.get("tail_kl_half") is not None]

@@ -46,7 +46,8 @@ def history_state_summary(model: Any, datamodule: L2MData) -> dict[str, Any]:
         "dim_z_half": int(dim_z),
         **parts,
         "i_bp_half": None if i_bp is None else float(i_bp),
-        "ratio": None if i_bp is None else float(i_bp) / dim_z,
+        # no state (a window of one token keeps nothing of the past): the ratio is infinite, not a number
+        "ratio": None if i_bp is None or dim_z == 0 else float(i_bp) / dim_z,
         "receptive_field": getattr(model, "receptive_field", None),
     }
 
