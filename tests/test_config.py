@@ -112,6 +112,8 @@ def train_py(*overrides: str) -> subprocess.CompletedProcess:
     ("optim.momentum=0.9", "error: optim.momentum is not a key of optim (AdamW); the keys there: lr, betas, eps"),
     ("data.num_paris=8", "error: data.num_paris is not a key of data (GaussianDataModule); the keys there: levels"),
     ("model=gpt5", "error: model/gpt5 is not a config: the options of model are deltanet-130m, fig3-gpt, fig3-mamba"),
+    ("run_id=../../escape", "error: run_id='../../escape' is not a name: a run id names outputs/<run_id> (a sweep: "
+                            "multirun/<run_id>), without '/' or '..'; to put a run elsewhere, give hydra.run.dir=<path>"),
 ])
 def test_a_wrong_override_is_one_line_naming_the_key_and_the_allowed_ones(override, message):
     result = train_py(override)

@@ -19,11 +19,21 @@ from l2m.checks import UserError
 CLUSTER_LAUNCHERS = ("slurm", "local")
 
 
+def checked_run_id(run_id: str | None) -> str | None:
+    """A run id names a directory under outputs/ (multirun/): one that is a path would write elsewhere."""
+    if run_id is not None and (not str(run_id).strip() or "/" in str(run_id) or "\\" in str(run_id)
+                               or str(run_id) in (".", "..")):
+        raise UserError(f"run_id={run_id!r} is not a name: a run id names outputs/<run_id> (a sweep: "
+                        "multirun/<run_id>), without '/' or '..'; to put a run elsewhere, give "
+                        "hydra.run.dir=<path> (a sweep: hydra.sweep.dir=<path>)")
+    return run_id
+
+
 def run_name(run_id: str | None) -> str:
     """A run's directory under outputs/: its run_id; in a SLURM job slurm-<job id>, which a requeued job
     keeps and every task of the job shares; else <date>/<time>."""
     job_id = slurm_job_id()
-    return run_id or (f"slurm-{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    return checked_run_id(run_id) or (f"slurm-{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
 
 
 def sweep_id(run_id: str | None, _root_: Any = None) -> str | None:
@@ -34,7 +44,7 @@ def sweep_id(run_id: str | None, _root_: Any = None) -> str | None:
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) if _root_ is not None else None
     if not run_id and choices is not None and choices.get("hydra/launcher") in CLUSTER_LAUNCHERS:
         return choices.get("experiment") or "sweep"
-    return run_id
+    return checked_run_id(run_id)
 
 
 def wandb_names() -> tuple[str | None, str | None]:

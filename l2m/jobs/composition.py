@@ -20,7 +20,9 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from l2m.checks import UserError
 from l2m.jobs import schemas  # noqa: F401  (the schemas conf/ inherits)
+from l2m.jobs.cluster import checked_run_id
 
 # Hydra's own options: their command lines are Hydra's to report.
 _MULTIRUN = ("-m", "--multirun")
@@ -81,12 +83,17 @@ def check_command_line(config_dir: str | Path, config_name: str, argv: Sequence[
     plain = [o.input_line for o in overrides if not o.is_sweep_override()]
     try:
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
-            compose(config_name, overrides=plain)
+            cfg = compose(config_name, overrides=plain)
     except (ConfigCompositionException, MissingConfigException) as error:
         print(f"error: {composition_message(error, plain)}", file=sys.stderr)
         sys.exit(1)
     except HydraException:
         return
+    try:  # Hydra resolves the run directory from it before any of our code runs
+        checked_run_id(cfg.get("run_id"))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def model_preset(name: str, config_dir: str | Path) -> dict:
