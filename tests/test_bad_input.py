@@ -60,8 +60,10 @@ TRAIN_CASES = {
     "empty ckpt_path": (["ckpt_path={root}/empty.ckpt"], "empty.ckpt is empty (0 bytes): not a checkpoint"),
     "truncated ckpt_path": (["ckpt_path={root}/truncated.ckpt"], NOT_A_CHECKPOINT),
     "random bytes as init_from": (["init_from={root}/random.ckpt"], NOT_A_CHECKPOINT),
-    "a negative step count": (["trainer.max_steps=-5"],
-                              "trainer.max_steps must be a step count (or -1: until stopped) >= 0, got -5"),
+    "a negative step count": (["trainer.max_steps=-5"], "trainer.max_steps must be a step count (or -1: until "
+                                                        "stopped; evaluate.py evaluates a checkpoint without training) >= 1, got -5"),
+    "no steps": (["trainer.max_steps=0"], "trainer.max_steps must be a step count (or -1: until stopped; evaluate.py "
+                                          "evaluates a checkpoint without training) >= 1, got 0"),
     "negative learning rate": (["optim.lr=-1"], "optim (torch.optim.AdamW) refused its settings: Invalid learning rate: -1"),
     "beta of 1.5": (["optim.betas=[0.9,1.5]"], "optim (torch.optim.AdamW) refused its settings: Invalid beta parameter at index 1: 1.5"),
     "init_from a model with fewer learned positions": (["data=gaussian", "data.levels=3",

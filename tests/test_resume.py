@@ -242,6 +242,8 @@ def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep
     parallel = run_script("train.py", *sweep, "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'parallel'}")
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert "running 2 jobs, 2 at a time" in parallel.stdout
+    assert f"2 of 2 jobs finished under {tmp_path / 'parallel'}; the report: python -m l2m.sweep" in parallel.stdout
+    assert not (tmp_path / "parallel" / ".submitit" / "%j").exists()  # submitit's template folder, empty
     sequential = run_script("train.py", *sweep, f"hydra.sweep.dir={tmp_path / 'sequential'}")
     assert sequential.returncode == 0, sequential.stderr[-3000:]
     for job in ("0_*", "1_*"):

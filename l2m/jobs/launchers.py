@@ -75,6 +75,12 @@ class _SweepLauncher(BaseSubmititLauncher):
                 failed.append(f"{name}: {result._return_value!r} (log: {job.paths.stderr})")
                 continue
             results.append(result)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        template = Path(str(self.params["submitit_folder"]))  # submitit makes the folder of its %j template too
+        if "%j" in template.name and template.is_dir() and not any(template.iterdir()):
+            template.rmdir()
+        print(f"{len(results)} of {len(jobs)} jobs finished under {sweep_dir}; the report: "
+              f"python -m l2m.sweep {sweep_dir}", flush=True)
         if failed:
             raise SweepJobsFailed(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n  " + "\n  ".join(failed))
         return results

@@ -213,7 +213,9 @@ def check_run_length(cfg: DictConfig) -> int:
     Lightning's own check of a negative count is a traceback from inside fit."""
     max_steps = cfg.trainer.get("max_steps")
     if max_steps != -1:
-        check_int("trainer.max_steps", max_steps, low=0, what="a step count (or -1: until stopped)")
+        # 0 trains nothing, and its schedule would ask for the length that was given
+        check_int("trainer.max_steps", max_steps, low=1,
+                  what="a step count (or -1: until stopped; evaluate.py evaluates a checkpoint without training)")
     return max_steps
 
 
