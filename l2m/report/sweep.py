@@ -237,7 +237,9 @@ def _seedless(record: RunRecord, also: tuple[str, ...] = ()) -> str:
         return str(record.run_dir)
     flat = _flatten(record.config)
     ignored = SEED_KEYS + NOT_CONFIG + also
-    return json.dumps({k: v for k, v in flat.items() if k not in ignored}, sort_keys=True, default=str)
+    here = str(flat.get("run_dir") or record.run_dir)  # paths inside the run's own directory (loggers, callbacks)
+    return json.dumps({k: v for k, v in flat.items() if k not in ignored and not str(v).startswith(here)},
+                      sort_keys=True, default=str)
 
 
 def _learning_rate(record: RunRecord) -> float | None:
