@@ -211,3 +211,21 @@ def test_an_lr_grid_reports_its_best_run_with_the_grids_spread_and_edge(tmp_path
     assert table.count("\n| mamba |") == 1 and table.count("\n| gpt |") == 1
     assert "| lr | lr grid | grid's worst KL | best lr at edge |" in table
     assert "| floor | KL − floor | ± paired SE |" in table
+
+
+def test_runs_without_a_history_state_are_reported_and_a_missing_collapse_says_why(tmp_path):
+    # window 1 keeps nothing of the past: dim(z) 0, no ratio; it is in the table, off figure (b)
+    root = tmp_path / "runs"
+    make_run(root, "window1", {"name": "tiny-swa", "arch": "gpt", "window": 1},
+             {"dim_z": 0, "avg_kl": 0.52, "ratio": None, "floor_reference": "window1", "kl_minus_floor": 0.0002})
+    result = run_sweep(str(root), "--out", str(tmp_path / "alone"))
+    assert result.returncode == 0, result.stderr
+    (row,) = read_rows(tmp_path / "alone" / "sweep.csv")
+    assert int(row["dim_z"]) == 0 and row["ratio"] == ""
+    assert "collapse gpt: R² on log ratio -, on log L -, on both - (0 runs) — runs with a history state" in result.stdout
+    make_run(root, "window4", {"name": "tiny-swa", "arch": "gpt", "window": 4}, {"dim_z": 96, "avg_kl": 0.19})
+    make_run(root, "window4-L64", {"name": "tiny-swa", "arch": "gpt", "window": 4}, {"dim_z": 96, "avg_kl": 0.39},
+             levels=3)
+    result = run_sweep(str(root), "--out", str(tmp_path / "three"))
+    assert result.returncode == 0, result.stderr
+    assert "(2 runs) — 2 runs with a state and KL > 0: R² on one variable needs 3 or more, on both 4" in result.stdout

@@ -316,8 +316,9 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
         y = np.log([r["kl"] for r in runs])
         ratio = np.log([r["ratio"] for r in runs])
         length = np.log([r["seq_len"] for r in runs])
-        if np.ptp(length) == 0:
-            out[arch] = {"runs": len(runs), "r2_ratio": None, "r2_length": None, "r2_joint": None}
+        if len(runs) < 2 or np.ptp(length) == 0:
+            out[arch] = {"runs": len(runs), "r2_ratio": None, "r2_length": None, "r2_joint": None,
+                         "why_none": "runs with a history state and KL > 0 at one length L at most: needs two or more"}
             continue
         out[arch] = {
             "runs": len(runs),
@@ -325,7 +326,14 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
             "r2_length": _r_squared(y, length),
             "r2_joint": _r_squared(y, ratio, length),
         }
+        if out[arch]["r2_joint"] is None:
+            out[arch]["why_none"] = (f"{len(runs)} runs with a state and KL > 0: R² on one variable needs 3 or "
+                                     "more, on both 4")
     return out
+
+
+def _collapse_note(metrics: dict) -> str:
+    return f" — {metrics['why_none']}" if metrics.get("why_none") else ""
 
 
 def window_references(rows: list[dict]) -> dict[tuple, dict[int, float]]:
@@ -413,7 +421,12 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     what = "SSM state / KV cache" if state == "ssm" else "whole history state"
     ax_len.set_xlabel("sequence length L")
     ax_len.set_xscale("log", base=2)
-    ax_ratio.set_xscale("log")
+    with_state = any(r["ratio"] is not None for r in rows)
+    if with_state:
+        ax_ratio.set_xscale("log")
+    else:
+        ax_ratio.text(0.5, 0.5, "no run keeps a history state\n(I_BP / dim(z) is no number)", ha="center",
+                      va="center", transform=ax_ratio.transAxes, fontsize=9, color="gray")
     split = split_label(rows)
     ax_ratio.set_xlabel(f"$I_{{BP}}$ / dim($z$) at {split}   [{what}]")
     metrics = "; ".join(
@@ -422,7 +435,7 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     )
     ax_ratio.set_title(f"collapse — {metrics}" if metrics else "", fontsize=8)
     answers = any(r["answer_kl"] is not None for r in rows)
-    for ax in (ax_len, ax_ratio):
+    for ax in (ax_len, ax_ratio) if with_state else (ax_len,):
         if positive:
             ax.set_yscale("log")
         ax.set_ylabel("KL per answer token (nats)" if answers else "average KL per token (nats)")
@@ -435,7 +448,7 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
                       ha="center", va="center", transform=ax_bound.transAxes, fontsize=9, color="gray")
     ax_bound.set_xlabel(f"linear-state bound after {split} (nats)")
     ax_bound.set_ylabel(f"model's KL after {split} (nats)")
-    for ax in (ax_len, ax_ratio, ax_bound) if bounded else (ax_len, ax_ratio):
+    for ax in [ax_len] + [ax_ratio] * with_state + [ax_bound] * bounded:
         ax.legend(fontsize=7)
     _log_axes(ax_len, ax_ratio, ax_bound)
     lengths = sorted({r["seq_len"] for r in rows})
@@ -546,7 +559,7 @@ def write_report(rows: list[dict], records: list[RunRecord], collapse: dict, fig
     lines += ["", "## Runs", "", markdown_table(rows), "", "## Collapse (log KL against log I_BP/dim(z))", "",
               "| architecture | runs | R² on log ratio | R² on log L | R² on both |", "|---|---|---|---|---|"]
     lines += [f"| {arch} | {m['runs']} | {format_number(m['r2_ratio'])} | {format_number(m['r2_length'])} | "
-              f"{format_number(m['r2_joint'])} |" for arch, m in collapse.items()]
+              f"{format_number(m['r2_joint'])}{_collapse_note(m)} |" for arch, m in collapse.items()]
     unfinished = unfinished_lines(records)
     if unfinished:
         lines += ["", "## Crashed or unfinished runs", "", *unfinished]
@@ -559,7 +572,8 @@ def print_table(rows: list[dict], skipped: int, records: list[RunRecord], collap
     print(markdown_table(rows))
     for arch, m in collapse.items():
         print(f"collapse {arch}: R² on log ratio {format_number(m['r2_ratio'])}, on log L "
-              f"{format_number(m['r2_length'])}, on both {format_number(m['r2_joint'])} ({m['runs']} runs)")
+              f"{format_number(m['r2_length'])}, on both {format_number(m['r2_joint'])} ({m['runs']} runs)"
+              f"{_collapse_note(m)}")
     if skipped:
         print(f"skipped {skipped} summaries without I_BP, KL or history-state parts (e.g. text runs)")
     for line in unfinished_lines(records):
