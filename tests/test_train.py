@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, run_script
+from conftest import CONF, run_if, run_script
 from l2m.data.gaussian import GaussianFamily
 from l2m.training import NonFiniteLossError
 from l2m.jobs.run import evaluate, train
@@ -166,6 +166,45 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(compose_trai
     assert good["global_step"] == 4
     assert all(torch.isfinite(w).all() for w in good["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_nan_gradients_with_a_finite_loss_stop_training_too(compose_train, tmp_path):
+    """The gradients count as well as the loss: an overflow in the backward pass is a bad update."""
+
+    class PoisonGradientsAt(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 3:
+                next(pl_module.parameters()).grad.fill_(math.inf)
+
+    cfg = compose_train(*FAST, "data.levels=2", "trainer.max_steps=20", "trainer.log_every_n_steps=5")
+    with pytest.raises(NonFiniteLossError, match=r"gradients are not finite at step 3 \(loss \d.*; stopped at step 5,"):
+        train(cfg, run_dir=tmp_path, callbacks=[PoisonGradientsAt()])
+
+
+class SyncsAreErrors(L.Callback):
+    """Steps other than logging steps (and the first two, and the last) run under
+    torch.cuda.set_sync_debug_mode("error"): a host-device sync in them raises."""
+
+    def on_train_batch_start(self, trainer, *args):
+        step = trainer.global_step + 1
+        checked = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps or step <= 2
+        torch.cuda.set_sync_debug_mode("default" if checked else "error")
+
+    def on_train_end(self, *args):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@run_if(cuda=True)
+@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-mamba2"])
+def test_a_gpu_step_other_than_a_logging_step_never_waits_for_the_device(compose_train, tmp_path, model):
+    cfg = compose_train(*FAST, f"model={model}", "trainer=gpu", "trainer.max_steps=25",
+                        "trainer.log_every_n_steps=10", "data.levels=2",
+                        "callbacks.positionwise.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=100")
+    try:
+        summary = train(cfg, run_dir=tmp_path, callbacks=[SyncsAreErrors()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary["step"] == 25
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

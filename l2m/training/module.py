@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,71 @@ SCHEDULE_ARGUMENTS = ("warmup_steps", "total_steps", "min_lr_ratio")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped before the bad update."""
+
+
+# The first non-finite step of a run where there is none.
+NO_STEP = 2**62
+
+
+class StepHealth:
+    """Per-step training values summed on the device between logging steps, and the first step whose
+    loss or gradients were not finite, both read by the host only at checks: a step never waits on the
+    device for them.
+
+    Every rank must take the same decision at a check, or the others would hang in the next collective.
+    The all-reduced gradients are the same on every rank, and a non-finite loss on any rank makes them
+    non-finite, so under DDP the decision is the gradients' alone; in one process the loss counts too.
+    Under a GradScaler (16-mixed) non-finite gradients are routine and the scaler skips those updates
+    itself, so they do not count.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._sums: torch.Tensor | None = None  # (1 + curves + 1,): loss, curves, gradient norm
+        self._steps = 0
+        self._first_bad: torch.Tensor | None = None  # int64 scalar, NO_STEP if none
+        self._first_bad_loss: torch.Tensor | None = None
+
+    def record(self, step: int, values: torch.Tensor, grad_norm: torch.Tensor, grads_count: bool) -> None:
+        """Adds one step: values (1 + curves,) its loss and curves, grad_norm the gradients' total norm."""
+        step_values = torch.cat([values, grad_norm.reshape(1)]).double()  # (1 + curves + 1,)
+        if self._sums is None:
+            self._sums = torch.zeros_like(step_values)
+            self._first_bad = torch.tensor(NO_STEP, device=values.device)
+            self._first_bad_loss = torch.zeros((), dtype=torch.float64, device=values.device)
+        self._sums += step_values
+        self._steps += 1
+        loss = step_values[0]
+        bad = torch.zeros((), dtype=torch.bool, device=values.device)
+        if grads_count:
+            bad = bad | ~torch.isfinite(step_values[-1])
+        if self.world_size == 1:
+            bad = bad | ~torch.isfinite(loss)
+        first = bad & (self._first_bad == NO_STEP)
+        self._first_bad = torch.where(first, step, self._first_bad)
+        self._first_bad_loss = torch.where(first, loss, self._first_bad_loss)
+
+    def check(self, step: int, reset_means: bool) -> torch.Tensor | None:
+        """Raises NonFiniteLossError if a recorded step was not finite; else returns the means since
+        the last reset, on the host: (1 + curves + 1,) loss, curves and gradient norm (None if there
+        were no steps). One device-to-host copy."""
+        if self._sums is None:
+            return None
+        flags = torch.stack([self._first_bad.double(), self._first_bad_loss])  # (2,)
+        packed = torch.cat([flags, self._sums]).cpu()  # (2 + 1 + curves + 1,)
+        if (first := int(packed[0])) != NO_STEP:
+            loss = float(packed[1])
+            what = (f"training loss is {loss} at step {first}" if not math.isfinite(loss)
+                    else f"training gradients are not finite at step {first} (loss {loss:.4g})")
+            raise NonFiniteLossError(
+                f"{what}; stopped at step {step}, before any checkpoint of the weights it made. Lower optim.lr, "
+                "raise trainer.gradient_clip_val or use precision 32-true, and resume from the last good "
+                "checkpoint with ckpt_path=..."
+            )
+        means = packed[2:] / self._steps if self._steps else None
+        if reset_means:
+            self._sums, self._steps = torch.zeros_like(self._sums), 0
+        return means
 
 
 def split_legacy_optim(optim: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -62,8 +128,11 @@ class L2MModule(L.LightningModule):
     """Next-token training of a SequenceModel on the loss of its output adapter.
 
     Logs `train/loss` (what is minimised: the Gaussian KL per position and dimension, or the text
-    NLL per token) and each per-token curve as `train/<name>_per_token` (nats per token, summed
-    over a Gaussian token's copies).
+    NLL per token), each per-token curve as `train/<name>_per_token` (nats per token, summed over a
+    Gaussian token's copies) and `train/grad_norm` (before clipping), each the mean over the steps since
+    the last logging step: the values stay on the device in between, so no step waits for the host.
+    A step whose loss or gradients are not finite stops training at the next logging step or
+    checkpoint, whichever comes first, before that checkpoint is written (NonFiniteLossError).
 
     Args:
         model: model config for `l2m.models.build_model` (name, arch, n_layer, d_model, ...).
@@ -100,22 +169,49 @@ class L2MModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.model.losses(batch)
         loss = losses.pop("loss")
-        self._stop_if_not_finite(loss)
-        self.log("train/loss", loss)
-        for i, (name, curve) in enumerate(losses.items()):  # the adapter's first curve is its headline
-            self.log(f"train/{name}_per_token", curve.mean(), prog_bar=i == 0)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        # (1 + curves,), one per micro-batch of the optimizer step
+        self._micro_batch_values.append(torch.stack([loss, *(curve.mean() for curve in losses.values())]).detach())
+        self._curve_names = list(losses)
         return loss
 
-    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
-        # Every rank must take the same decision, or the others would hang in the next all-reduce.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step}; stopped before applying "
-                "this update. Lower optim.lr, raise trainer.gradient_clip_val or use precision 32-true, "
-                "and resume from the last good checkpoint with ckpt_path=..."
-            )
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clips as Lightning would, from one gradient norm that is also logged (train/grad_norm) and,
+        with the loss, recorded on the device: a step whose loss or gradients are not finite is found
+        at the next check, without a host sync in the step."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)  # all-reduced gradients under DDP: the same on every rank
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, grad_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        step_values = torch.stack(self._micro_batch_values).mean(0)  # (1 + curves,)
+        self._micro_batch_values.clear()
+        self._health.record(self.global_step, step_values, grad_norm,
+                            grads_count=getattr(self.trainer.precision_plugin, "scaler", None) is None)
+
+    def on_train_start(self) -> None:
+        self._health = StepHealth(self.trainer.world_size)
+        self._micro_batch_values: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At Lightning's logging steps and the last step: stop on a non-finite step, log the means since
+        the last logging step (the only host syncs of the loop)."""
+        last = self.global_step >= self.trainer.max_steps > 0
+        if not (self.trainer._logger_connector.should_update_logs or last):
+            return
+        means = self._health.check(self.global_step, reset_means=True)
+        if means is None:
+            return
+        # host tensors: Lightning converts a progress-bar value at every later step, a sync if on the device
+        self.log("train/loss", means[0])
+        for i, name in enumerate(self._curve_names):  # the adapter's first curve is its headline
+            self.log(f"train/{name}_per_token", means[1 + i], prog_bar=i == 0)
+        self.log("train/grad_norm", means[-1])
+        self.log("train/lr", torch.tensor(self.optimizers().param_groups[0]["lr"]))
+
+    def on_train_end(self) -> None:
+        self._health.check(self.global_step, reset_means=False)
 
     def optimizer_configs(self) -> tuple[dict, dict]:
         """(optimizer, schedule) configs of this run, the schedule's null total_steps set to
@@ -144,6 +240,8 @@ class L2MModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if (health := getattr(self, "_health", None)) is not None:  # no checkpoint holds weights of a bad update
+            health.check(self.global_step, reset_means=False)
         checkpoint[SCHEDULE_KEY] = self.optimizer_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ def peak_flops(device_name: str, precision: str) -> float | None:
 
 class ThroughputCallback(L.Callback):
     """Logs perf/tokens_per_sec over the last `window` steps (predicted positions per second, summed
-    over DDP ranks) and perf/mfu where the device's peak is known."""
+    over DDP ranks) and perf/mfu where the device's peak is known, at Lightning's logging steps."""
 
     def __init__(self, window: int = 20):
         self._ends: deque[float] = deque(maxlen=window + 1)  # the last `window` steps' end times, and one before
@@ -48,6 +48,8 @@ class ThroughputCallback(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._ends.append(time.perf_counter())
+        if not trainer._logger_connector.should_update_logs:
+            return  # a value logged at every step is a host-to-device copy at every step
         batch_size = batch[pl_module.model.encoder.batch_key].shape[0]
         tokens_per_step = batch_size * pl_module.hparams.seq_len * trainer.world_size
         steps = len(self._ends) - 1
