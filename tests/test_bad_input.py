@@ -76,6 +76,14 @@ TRAIN_CASES = {
     "recall with one value": (["data=recall", "data.num_values=1"], "num_values must be an int (one value would "
                                                                      "leave nothing to recall) >= 2, got 1"),
     "recall without queries": (["data=recall", "data.num_queries=0"], "num_queries must be an int >= 1, got 0"),
+    "two preemption intervals": (["callbacks.preemption.check_every_n_steps=5"],
+                                 "callbacks.preemption: set one of check_every_seconds and check_every_n_steps, the "
+                                 "other null (got 5.0 and 5)"),
+    "a preemption interval of 0 s": (["callbacks.preemption.check_every_seconds=0"],
+                                     "callbacks.preemption: check_every_seconds must be > 0"),
+    "a callback argument that does not exist": (["+callbacks.throughput.windows=3"],
+                                                "callbacks.throughput (l2m.training.throughput.ThroughputCallback): "
+                                                "ThroughputCallback.__init__() got an unexpected keyword argument 'windows'"),
     "seq_len and levels that disagree": (["data.seq_len=16", "data.levels=3"],
                                          "seq_len=16 (levels=2) and levels=3 (L = 64) disagree: give one of them"),
     "a local tokenizer file that is not there": (["data=text", "data.seq_len=16", "data.tokenizer=./nowhere/tokenizer.json"],

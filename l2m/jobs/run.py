@@ -128,11 +128,23 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def instantiate_group(node: DictConfig | None) -> list:
-    """The objects of a config group such as `callbacks` or `logger`: one per entry with a `_target_`."""
-    if not node:
-        return []
-    return [instantiate(entry) for entry in node.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+def instantiate_group(group: str, node: DictConfig | None) -> list:
+    """The objects of a config group such as `callbacks` or `logger`: one per entry with a `_target_`;
+    an entry's refused settings are one line naming it."""
+    objects = []
+    for name, entry in (node or {}).items():
+        if not (isinstance(entry, DictConfig) and "_target_" in entry):
+            continue
+        try:
+            objects.append(instantiate(entry))
+        except InstantiationException as error:
+            cause = error.__cause__
+            if isinstance(cause, UserError):
+                raise cause from error
+            if isinstance(cause, (ValueError, TypeError)):
+                raise UserError(f"{group}.{name} ({entry._target_}): {cause}") from error
+            raise
+    return objects
 
 
 def instantiate_data(data: dict) -> L2MData:
@@ -228,7 +240,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
     set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg)
-    configured = instantiate_group(cfg.callbacks)
+    configured = instantiate_group("callbacks", cfg.callbacks)
     max_steps = check_run_length(cfg)
     resume = choose_checkpoint(cfg.ckpt_path, checkpoint_directory(configured, run_dir))
     ckpt_path = None
@@ -243,7 +255,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequenc
         rank_zero_info(f"resuming from {ckpt_path} (step {step})")
     save_config(cfg, run_dir)
 
-    loggers = instantiate_group(cfg.logger)
+    loggers = instantiate_group("logger", cfg.logger)
     for logger in loggers:
         logger.log_hyperparams(_plain(cfg))
     with ddp_job(), expected_warnings_silenced():

@@ -57,7 +57,8 @@ class PreemptionCallback(L.Callback):
         if (check_every_seconds is None) == (check_every_n_steps is None):
             raise UserError("callbacks.preemption: set one of check_every_seconds and check_every_n_steps, "
                             f"the other null (got {check_every_seconds} and {check_every_n_steps})")
-        if (check_every_seconds or 1) <= 0 or (check_every_n_steps or 1) < 1:
+        if (check_every_seconds is not None and check_every_seconds <= 0) or (
+                check_every_n_steps is not None and check_every_n_steps < 1):
             raise UserError("callbacks.preemption: check_every_seconds must be > 0 and check_every_n_steps >= 1")
         self.dirpath = Path(dirpath)
         self.check_every_seconds, self.check_every_n_steps = check_every_seconds, check_every_n_steps
