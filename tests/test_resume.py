@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -249,6 +250,29 @@ def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep
     for job in ("0_*", "1_*"):
         a, b = (read_summary(next((tmp_path / kind).glob(job))) for kind in ("parallel", "sequential"))
         assert a["avg_kl"] == b["avg_kl"] and a["model"] == b["model"]
+
+
+def test_a_second_live_run_in_one_directory_stops_naming_the_holder_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    endless = [*FAST, "trainer.max_steps=100000", "callbacks.checkpoint.every_n_train_steps=100000"]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *endless, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while f"pid {first.pid}," not in ((run_dir / ".lock").read_text() if (run_dir / ".lock").exists() else ""):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        second = run_script("train.py", *FAST, "trainer.max_steps=4", f"hydra.run.dir={run_dir}")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert (f"error: {run_dir} is in use by another live run (host {socket.gethostname()}, pid {first.pid}, since "
+                in second.stderr), second.stderr[-2000:]
+        assert "give this run a directory of its own (run_id=<name>, or hydra.run.dir=<path>)" in second.stderr
+    finally:
+        first.kill()  # SIGKILL: nothing of it runs on, and the OS drops its lock
+        first.wait()
+    third = run_script("train.py", *FAST, "trainer.max_steps=4", f"hydra.run.dir={run_dir}")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert read_summary(run_dir)["step"] == 4
 
 
 def test_run_directories_are_stable_where_a_job_may_come_back(compose_train, monkeypatch):

@@ -37,6 +37,7 @@ from l2m.evaluation import analyse_state
 from l2m.jobs import resolvers  # noqa: F401  (registers the resolvers conf/ uses)
 from l2m.jobs import schemas  # noqa: F401  (stores the schemas conf/ inherits, before Hydra composes it)
 from l2m.jobs.cluster import check_slurm_layout, in_slurm_job
+from l2m.jobs.lock import run_directory_lock
 from l2m.jobs.multirun_ddp import ddp_job
 from l2m.jobs.resume import (AUTO, SIGNAL_EXIT_BASE, RunStopped, check_resumable, checkpoint_path, choose_checkpoint,
                              data_arguments, data_option, stopped_by_signal, with_absolute_paths)
@@ -234,8 +235,13 @@ def check_run_length(cfg: DictConfig) -> int:
 def train(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train per `cfg`; return the run summary (also in <run_dir>/summary.json). With ckpt_path=auto a
     run continues from its directory's newest valid checkpoint, and one that has finished is not
-    trained again."""
+    trained again. A run directory that another live run holds is an error."""
     run_dir = with_run_dir(cfg, run_dir)
+    with run_directory_lock(run_dir):
+        return _train_in(cfg, run_dir, callbacks)
+
+
+def _train_in(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback]) -> dict:
     check_slurm_layout(cfg.trainer)
     set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
