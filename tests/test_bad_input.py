@@ -3,9 +3,11 @@ traceback: checkpoints that are not checkpoints, options out of range, devices t
 paths that cannot be written, scorers that cannot score text. Each case through the code path of its
 command (train.py / evaluate.py: l2m.jobs.report_errors; python -m l2m.mi: l2m.mi.cli.run)."""
 
+import re
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,9 +285,13 @@ def test_undecodable_text_and_binary_files_are_counted_and_named(tmp_path, caplo
         list(load_documents(str(tmp_path), encoding="klingon"))
 
 
-def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys):
-    overrides = ["logger=none", "data.levels=2", "data.val_size=4", "data.epoch_size=10",
-                 "callbacks.checkpoint.every_n_train_steps=15", "schedule.total_steps=30"]
+PROGRESS_RUN = ["logger=none", "data.levels=2", "data.val_size=4", "data.epoch_size=10",
+                "callbacks.checkpoint.every_n_train_steps=15", "schedule.total_steps=30"]
+
+
+def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys, monkeypatch):
+    overrides = PROGRESS_RUN
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is for a terminal
     with initialize_config_dir(str(CONF), version_base="1.3"):
         train(compose("train", overrides=[*overrides, "trainer.max_steps=15"]), run_dir=tmp_path)
         first = capsys.readouterr().out  # Lightning's bars write to stdout
@@ -293,3 +299,15 @@ def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, capsys):
         resumed = capsys.readouterr().out
     assert "training steps" in first and "15/15" in first and "Epoch" not in first and "Training" not in first
     assert "15/30" in resumed and "30/30" in resumed  # it starts where the run stopped, across nominal epochs
+
+
+def test_off_a_terminal_progress_is_a_plain_line_every_twentieth_of_the_run_at_most(tmp_path):
+    first = run_script("train.py", *PROGRESS_RUN, "trainer.max_steps=15", f"hydra.run.dir={tmp_path}")
+    resumed = run_script("train.py", *PROGRESS_RUN, "trainer.max_steps=30", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0 and resumed.returncode == 0, first.stderr[-2000:] + resumed.stderr[-2000:]
+    lines = [line for line in (first.stdout + resumed.stdout).splitlines() if line.startswith("step ")]
+    # a line per logging interval (10 steps; a twentieth of these runs is less) and at the end
+    assert [line.split("  ")[0] for line in lines] == ["step 10/15 (67%)", "step 15/15 (100%)",
+                                                       "step 20/30 (67%)", "step 30/30 (100%)"]
+    assert all(re.search(r"  kl_per_token \d+\.?\d*  tokens/s [\d,]+  elapsed 0:00:\d\d$", line) for line in lines), lines
+    assert "\r" not in first.stdout + first.stderr and "training steps" not in first.stdout + first.stderr

@@ -48,7 +48,7 @@ from l2m.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from l2m.training.loggers import announce_offline, finish
 from l2m.training.module import L2MModule, NonFiniteLossError
 from l2m.training.preemption import Preempted
-from l2m.training.progress import StepProgressBar
+from l2m.training.progress import progress_bar
 
 # Lightning warns about two things l2m does on purpose: the held-out set is evaluated by the
 # PositionwiseCallback (so there is no validation_step), and the stream datasets define __len__
@@ -268,7 +268,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback]) -
         trainer = instantiate(
             cfg.trainer,
             logger=loggers or False,
-            callbacks=[*configured, *callbacks, *([StepProgressBar()] if cfg.trainer.get("enable_progress_bar") is not False else [])],
+            callbacks=[*configured, *callbacks, *([progress_bar()] if cfg.trainer.get("enable_progress_bar") is not False else [])],
             # l2m's PreemptionCallback checkpoints and requeues; Lightning's SLURM requeue would compete with it
             plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
             default_root_dir=run_dir,

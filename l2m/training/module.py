@@ -189,15 +189,13 @@ class L2MModule(L.LightningModule):
         self._micro_batch_values.clear()
         self._health.record(self.global_step, step_values, grad_norm,
                             grads_count=getattr(self.trainer.precision_plugin, "scaler", None) is None)
+        self._check_and_log()
 
-    def on_train_start(self) -> None:
-        self._health = StepHealth(self.trainer.world_size)
-        self._micro_batch_values: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """At Lightning's logging steps and the last step: stop on a non-finite step, log the means since
-        the last logging step (the only host syncs of the loop)."""
-        last = self.global_step >= self.trainer.max_steps > 0
+    def _check_and_log(self) -> None:
+        """At Lightning's logging steps and the last step, before the update: stop on a non-finite step,
+        log the means since the last logging step (the only host syncs of the loop). Here rather than at
+        the step's end, so that callbacks (the progress lines) see this step's values."""
+        last = self.global_step + 1 >= self.trainer.max_steps > 0
         if not (self.trainer._logger_connector.should_update_logs or last):
             return
         means = self._health.check(self.global_step, reset_means=True)
@@ -209,6 +207,10 @@ class L2MModule(L.LightningModule):
             self.log(f"train/{name}_per_token", means[1 + i], prog_bar=i == 0)
         self.log("train/grad_norm", means[-1])
         self.log("train/lr", torch.tensor(self.optimizers().param_groups[0]["lr"]))
+
+    def on_train_start(self) -> None:
+        self._health = StepHealth(self.trainer.world_size)
+        self._micro_batch_values: list[torch.Tensor] = []
 
     def on_train_end(self) -> None:
         self._health.check(self.global_step, reset_means=False)

@@ -1,4 +1,5 @@
-"""The training progress bar in optimizer steps out of trainer.max_steps.
+"""Training progress in optimizer steps out of trainer.max_steps: a bar on a terminal, plain lines
+at a bounded rate elsewhere.
 
 l2m's train streams are endless and an "epoch" is a nominal chunk of `epoch_size` batches, so
 Lightning's per-epoch bar showed "Epoch 0/-2" and counted the batches of one chunk (799/1000 with
@@ -7,10 +8,14 @@ max_steps=3000, 7/34 after a resume).
 
 from __future__ import annotations
 
+import datetime
+import math
+import sys
+import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -40,3 +45,46 @@ class StepProgressBar(TQDMProgressBar):
         if not self.train_progress_bar.disable:
             self.train_progress_bar.n = step
             self.train_progress_bar.refresh()
+
+
+class StepLines(ProgressBar):
+    """Progress where no terminal reads it (a SLURM log, `> file`): a plain line every `every` steps and
+    at the last, `step 450/2000 (22%)  kl_per_token 10.40  tokens/s 12,345  elapsed 0:01:23`, instead
+    of a bar's redraws (about two per step). `every` defaults to a twentieth of the run, rounded up to
+    a multiple of the logging interval so that each line shows values logged at its step."""
+
+    def __init__(self, every: int | None = None):
+        super().__init__()
+        self.every = every
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._start = time.perf_counter()
+        if self.every is None:
+            log_every = max(trainer.log_every_n_steps, 1)
+            twentieth = math.ceil(trainer.max_steps / 20) if trainer.max_steps > 0 else 10 * log_every
+            self.every = math.ceil(twentieth / log_every) * log_every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if not (self._enabled and trainer.is_global_zero and (step % self.every == 0 or step == total)):
+            return
+        done = f"step {step}/{total} ({step / total:.0%})" if total > 0 else f"step {step}"
+        values = [f"{name.split('/')[-1]} {value:.4g}" for name, value in self.get_metrics(trainer, pl_module).items()
+                  if name != "v_num"]
+        rate = trainer.callback_metrics.get("perf/tokens_per_sec")
+        if rate is not None:
+            values.append(f"tokens/s {float(rate):,.0f}")
+        elapsed = datetime.timedelta(seconds=round(time.perf_counter() - self._start))
+        print("  ".join([done, *values, f"elapsed {elapsed}"]), flush=True)
+
+
+def progress_bar() -> ProgressBar:
+    """The step bar on a terminal, plain lines elsewhere."""
+    return StepProgressBar() if sys.stderr.isatty() else StepLines()
