@@ -311,3 +311,10 @@ def test_off_a_terminal_progress_is_a_plain_line_every_twentieth_of_the_run_at_m
                                                        "step 20/30 (67%)", "step 30/30 (100%)"]
     assert all(re.search(r"  kl_per_token \d+\.?\d*  tokens/s [\d,]+  elapsed 0:00:\d\d$", line) for line in lines), lines
     assert "\r" not in first.stdout + first.stderr and "training steps" not in first.stdout + first.stderr
+
+
+def test_off_a_terminal_the_summary_keeps_each_path_on_one_line(tmp_path):
+    run_dir = tmp_path / ("a-directory-name-long-enough-to-pass-eighty-columns-" * 2) / "run"
+    result = run_script("train.py", *RUN, "data.levels=2", "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f" metrics: {run_dir / 'summary.json'}\n" in result.stdout, result.stdout[-1500:]

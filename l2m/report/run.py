@@ -170,4 +170,4 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
     console = Console()
     console.print(table)
     for name, path in paths.items():
-        console.print(f"{name:>8}: {path}")
+        console.print(f"{name:>8}: {path}", soft_wrap=True, highlight=False)  # a path is copied whole, never wrapped
