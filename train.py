@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 
 from l2m.jobs import report_errors, train
 from l2m.jobs.composition import check_command_line
+from l2m.jobs.job_log import output_in_job_log
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    with report_errors():
+    with output_in_job_log(), report_errors():
         train(cfg)
 
 

@@ -318,3 +318,16 @@ def test_off_a_terminal_the_summary_keeps_each_path_on_one_line(tmp_path):
     result = run_script("train.py", *RUN, "data.levels=2", "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f" metrics: {run_dir / 'summary.json'}\n" in result.stdout, result.stdout[-1500:]
+
+
+def test_train_log_holds_what_the_run_printed_and_its_error(tmp_path):
+    ran = run_script("train.py", "logger=none", "data.levels=2", "data.val_size=4", "trainer.max_steps=20",
+                     f"hydra.run.dir={tmp_path / 'ran'}")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    log = (tmp_path / "ran" / "train.log").read_text()
+    assert "step 10/20 (50%)  kl_per_token " in log and "step 20/20 (100%)" in log
+    assert "L²M run summary" in log and f" metrics: {tmp_path / 'ran' / 'summary.json'}\n" in log
+    assert "\r" not in log
+    failed = run_script("train.py", *RUN, "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'failed'}")
+    assert failed.returncode == 1
+    assert "error: trainer.max_steps must be a step count" in (tmp_path / "failed" / "train.log").read_text()
