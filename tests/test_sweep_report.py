@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, run_script
@@ -136,6 +137,7 @@ def test_collapse_metric_seeds_series_and_crashed_runs_on_runs_whose_answer_is_k
     (crashed / "checkpoints").mkdir(parents=True)
     (crashed / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "mamba"}}))
     (crashed / "checkpoints" / "step40.ckpt").write_bytes(b"")
+    torch.save({"global_step": 135}, crashed / "checkpoints" / "last.ckpt")  # a signal's checkpoint, after step 40
     (crashed / "train.log").write_text("starting\nRuntimeError: CUDA out of memory\n\n")
 
     result = run_sweep(str(root), "--out", str(tmp_path / "report"))
@@ -155,7 +157,7 @@ def test_collapse_metric_seeds_series_and_crashed_runs_on_runs_whose_answer_is_k
     r2_ratio_gpt = float(gpt_line.split("R² on log ratio ")[1].split(",")[0])
     r2_length_gpt = float(gpt_line.split("on log L ")[1].split(",")[0])
     assert r2_ratio_gpt < 0.5 < r2_length_gpt
-    assert f"`{crashed}`: crashed or unfinished, last checkpoint step 40; last log line: RuntimeError: CUDA out of memory" in stdout
+    assert f"`{crashed}`: crashed or unfinished, last checkpoint step 135; last log line: RuntimeError: CUDA out of memory" in stdout
     assert "crashed or unfinished" in (tmp_path / "report" / "report.md").read_text()
 
 

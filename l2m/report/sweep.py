@@ -87,7 +87,17 @@ def _read_json(path: Path) -> dict:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    steps = [int(p.stem[4:]) for p in (run_dir / "checkpoints").glob("step*.ckpt") if p.stem[4:].isdigit()]
+    """The highest step of a readable checkpoint of the run: last.ckpt (a signal's checkpoint is one)
+    holds its step inside, the others in their names."""
+    from l2m.models.checkpoint import UnreadableCheckpointError, read_checkpoint  # torch: only for unfinished runs
+
+    checkpoints = run_dir / "checkpoints"
+    steps = [int(p.stem[4:]) for p in checkpoints.glob("step*.ckpt") if p.stem[4:].isdigit()]
+    for last in checkpoints.glob("last*.ckpt"):
+        try:
+            steps.append(int(read_checkpoint(last)["global_step"]))
+        except UnreadableCheckpointError:
+            continue
     return max(steps) if steps else None
 
 
