@@ -121,6 +121,14 @@ def test_a_wrong_override_is_one_line_naming_the_key_and_the_allowed_ones(overri
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_an_override_hydra_cannot_parse_is_one_line_saying_how_to_quote_it():
+    result = train_py("seed=1", "run_id=it's")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: run_id=it's: Hydra cannot parse this override (LexerNoViableAltException: "
+                                    "run_id=it's); quote a value that holds spaces or any of"), result.stderr
+    assert result.stderr.strip().endswith("""the shell's quotes around Hydra's: 'run_id="it's"'""")
+
+
 def test_every_model_preset_builds_for_the_gaussian_task(compose_train):
     io = {"kind": "gaussian", "dim": 64}
     for name in options("model"):

@@ -68,17 +68,33 @@ def composition_message(error: HydraException, overrides: Sequence[str] = ()) ->
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def unparsable_override_message(parser: OverridesParser, arguments: Sequence[str]) -> str:
+    """One line naming the override Hydra's grammar refuses, with what it said and how to quote it."""
+    for argument in arguments:
+        try:
+            parser.parse_overrides([argument])
+        except HydraException as error:
+            said = str(error).strip().splitlines()[0]
+            key, _, value = argument.partition("=")
+            return (f"{argument}: Hydra cannot parse this override ({said}); quote a value that holds spaces or any "
+                    f"of ' \" = , : ~ ( ) [ ] {{ }}, the shell's quotes around Hydra's: '{key}=\"{value}\"'")
+    return "Hydra cannot parse the overrides " + " ".join(arguments)
+
+
 def check_command_line(config_dir: str | Path, config_name: str, argv: Sequence[str] | None = None) -> None:
-    """Exit 1 with `error: <one line>` where Hydra would refuse to compose this command line; do
-    nothing where it composes, or where it is for Hydra to report (its flags, a syntax error)."""
+    """Exit 1 with `error: <one line>` where Hydra would refuse to compose this command line, 2 where
+    it cannot parse an override; do nothing where it composes, or where it is for Hydra to report (its
+    flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg.startswith("-") and arg not in _MULTIRUN for arg in argv):
         return
     arguments = [arg for arg in argv if arg not in _MULTIRUN]
+    parser = OverridesParser.create()
     try:
-        overrides = OverridesParser.create().parse_overrides(arguments)
+        overrides = parser.parse_overrides(arguments)
     except HydraException:
-        return
+        print(f"error: {unparsable_override_message(parser, arguments)}", file=sys.stderr)
+        sys.exit(2)
     # A sweep's values are composed job by job; each job's own composition reports them.
     plain = [o.input_line for o in overrides if not o.is_sweep_override()]
     try:
