@@ -129,6 +129,17 @@ def test_an_override_hydra_cannot_parse_is_one_line_saying_how_to_quote_it():
     assert result.stderr.strip().endswith("""the shell's quotes around Hydra's: 'run_id="it's"'""")
 
 
+def test_a_model_option_the_task_ignores_is_said_to_have_no_effect(compose_train, caplog):
+    gaussian, discrete = {"kind": "gaussian", "dim": 3}, {"kind": "discrete", "vocab_size": 11}
+    untied = OmegaConf.to_container(compose_train("model.tie_embeddings=false").model)
+    build_model(untied, io=discrete, max_seq_len=16)
+    build_model(OmegaConf.to_container(compose_train().model), io=gaussian, max_seq_len=16)
+    assert "no effect" not in caplog.text  # used by discrete tokens; the default says nothing
+    build_model(untied, io=gaussian, max_seq_len=16)
+    assert ("model.tie_embeddings=False has no effect on Gaussian tokens (vectors: no embedding matrix to tie or "
+            "pad); it applies to discrete tokens (text, recall)") in caplog.text
+
+
 def test_every_model_preset_builds_for_the_gaussian_task(compose_train):
     io = {"kind": "gaussian", "dim": 64}
     for name in options("model"):

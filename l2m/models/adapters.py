@@ -17,6 +17,8 @@ where the data's conditional is known, and "nll"; the first curve is the headlin
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 
@@ -27,6 +29,8 @@ from torch import Tensor
 
 from l2m.checks import UserError, check_int
 from l2m.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -133,6 +137,11 @@ def _gaussian(io: Mapping, config: ModelConfig):
     min_std = float(io.get("min_std", 1e-3))
     if not min_std > 0:
         raise UserError(f"io min_std must be > 0 (keeps the predicted std positive), got {min_std}")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name in ModelConfig.discrete_only:
+        if getattr(config, name) != defaults[name]:
+            log.warning(f"model.{name}={getattr(config, name)} has no effect on Gaussian tokens (vectors: no "
+                        "embedding matrix to tie or pad); it applies to discrete tokens (text, recall)")
     return GaussianInput(dim, config.d_model), GaussianOutput(dim, config.d_model, min_std)
 
 

@@ -33,6 +33,7 @@ class ModelConfig:
     """Fields of every architecture. `positive_ints` lists the fields checked as ints >= 1."""
 
     positive_ints: ClassVar[tuple[str, ...]] = ("n_layer", "d_model", "pad_vocab_size_multiple")
+    discrete_only: ClassVar[tuple[str, ...]] = ("pad_vocab_size_multiple", "tie_embeddings")  # what other tokens ignore
 
     arch: str
     n_layer: int
