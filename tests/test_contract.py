@@ -109,6 +109,7 @@ def test_a_task_of_its_own_file_gets_the_summary_and_the_table(copy_run):
     assert summary["history_split"] == 4 and summary["history_split_label"] == "the end of the source"
     assert summary["dim_z_half"] == summary["dim_z_half_kv"] > 0  # tiny-gpt's KV cache of the 4 source tokens
     assert 0.0 <= summary["answer_accuracy"] <= 1.0 and summary["answer_kl"] >= 0.0  # the copy's positions
+    assert "answer_chance" not in summary  # the contract's default: no chance level declared
     assert summary["bound_half"] is None and summary["state_limited"] is None  # no exact bound: no verdict
     half = pytest.approx(math.log(8) / 2)  # log V on the copy, unless the window reaches back n = 4 tokens
     assert summary["window_avg_kl"] == {"0": half, "1": half, "4": 0.0}

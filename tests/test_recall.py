@@ -110,7 +110,7 @@ def test_a_recall_run_reports_exact_kl_accuracy_and_the_state_at_the_end_of_the_
     task = AssociativeRecall(16, 8, 3, 2)
     assert summary["seq_len"] == 10 and summary["i_bp_half"] == pytest.approx(task.bipartite_mi(6), rel=1e-12)
     assert summary["dim_z_half_ssm"] == 2 * 128 * 16  # tiny-mamba's SSM state, at the end of the pairs
-    assert 0.0 <= summary["answer_accuracy"] <= 1.0
+    assert 0.0 <= summary["answer_accuracy"] <= 1.0 and summary["answer_chance"] == 1 / 3  # a guess among the 3 pairs' values
     with open(tmp_path / "positionwise.csv") as f:
         rows = list(csv.DictReader(f))
     floor = task.conditional_entropy()

@@ -42,6 +42,11 @@ class L2MData(Protocol):
         """(L,) bool positions where the state is tested (their KL and top-1 accuracy are reported); None: none."""
         return None
 
+    def answer_chance(self) -> float | None:
+        """Top-1 accuracy at the answer positions of a guess among the values in context that knows none of
+        their keys (associative recall: 1/P), reported beside the accuracy; None where there is none."""
+        return None
+
     def io_config(self) -> dict:
         """The token kind the model must read and write, e.g. {"kind": "gaussian", "dim": 64}."""
 
@@ -73,7 +78,7 @@ class L2MData(Protocol):
 
 
 _MEMBERS = ("task", "seq_len", "history_split", "history_split_label", "length_options", "runtime_options",
-            "path_options", "reference_family", "answer_positions", "io_config", "bipartite_mi_half", "nll_floor",
+            "path_options", "reference_family", "answer_positions", "answer_chance", "io_config", "bipartite_mi_half", "nll_floor",
             "window_kl", "window_prediction", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
 
 

@@ -136,7 +136,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         keys += ["initial_avg_kl", "avg_kl", "avg_kl_se", "kl_first_quarter", "kl_last_quarter"]
     else:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
-    keys += [key for key in ("answer_kl", "answer_accuracy", "effective_context", "utilization", "receptive_field",
+    keys += [key for key in ("answer_kl", "answer_accuracy", "answer_chance", "effective_context", "utilization", "receptive_field",
                              "floor_reference", "kl_minus_floor", "kl_minus_floor_se", "tail_kl_half", "bound_half",
                              "state_limited", "training_limited", "still_falling") if key in summary]
     shown = set(keys) | NOT_SHOWN | {k for k in summary if k.startswith(("avg_", "initial_", "kl_", "nll_"))}
@@ -160,6 +160,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "bound_half": f"linear-state bound after {split}",
         "answer_kl": "KL on the answers",
         "answer_accuracy": "answer accuracy (top-1)",
+        "answer_chance": "  chance: a value of the context (1/P)",
         "still_falling": "still improving (last 20%)",
     }
     table = Table(title=f"L²M run summary (nats; {measured} per token)")

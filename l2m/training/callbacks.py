@@ -106,9 +106,11 @@ def _answer_metrics(metrics: Positionwise, datamodule: L2MData) -> dict[str, flo
     answers = datamodule.answer_positions()
     if answers is None or "accuracy" not in metrics.extra:
         return {}
+    chance = datamodule.answer_chance()
     return {
         "answer_kl": float(metrics.kl[answers].mean()),
         "answer_accuracy": float(metrics.extra["accuracy"][answers].mean()),
+        **({} if chance is None else {"answer_chance": chance}),
     }
 
 

@@ -31,11 +31,15 @@ from functools import partial
 import torch
 
 from l2m.checks import UserError
-from l2m.data.gaussian.family import GaussianFamily, levels_of_length
+from l2m.data.gaussian.family import GaussianFamily, available_memory, levels_of_length
 from l2m.data.stream import BatchStream, DrawnDataModule, keyed_generator
 
 _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a generator key
 
+
+# Bytes per number of a train batch at its peak: float64 noise, sequences and conditional means (from_noise),
+# their float32 copies (x, mean, std), and the model's float32 predicted mean and std with their gradients.
+BYTES_PER_BATCH_NUMBER = 3 * 8 + 3 * 4 + 4 * 4
 
 # Module-level, so that functools.partial of them pickles into DataLoader workers.
 def _train_batch(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> dict:
@@ -80,8 +84,21 @@ class GaussianDataModule(DrawnDataModule):
         self.family = GaussianFamily(levels, kind, copies)  # validates levels, kind, copies
         seq_len = self.family.seq_len  # recorded by save_hyperparameters beside levels
         self._set_stream(batch_size, seed, val_size, val_seed, num_workers, epoch_size)
+        self._require_batch_memory()
         self.save_hyperparameters()
         self.seq_len = self.family.seq_len
+
+    def _require_batch_memory(self) -> None:
+        """Stop before the first batch, with the numbers, where one batch cannot fit in memory: the
+        process would otherwise compute silently for minutes, then be killed."""
+        numbers = self.batch_size * self.family.seq_len * self.family.copies
+        needed, available = numbers * BYTES_PER_BATCH_NUMBER, available_memory()
+        if available is not None and needed > available:
+            raise UserError(
+                f"a batch of {self.batch_size} sequences x L={self.family.seq_len} x {self.family.copies:,} copies needs about "
+                f"{needed / 1e9:.0f} GB of memory (its noise, sequences and conditionals, the model's predictions and "
+                f"their gradients), only {available / 1e9:.0f} GB available: lower data.copies or data.batch_size"
+            )
 
     # ---- what the training code asks about the data ----
 

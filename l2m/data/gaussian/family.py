@@ -75,16 +75,21 @@ def levels_of_length(seq_len: object) -> int:
     return lengths[seq_len]
 
 
-def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
-    """Fail fast, with the numbers, instead of letting the OS kill the process mid-build."""
-    needed = n_matrices * 8 * seq_len**2
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux's MemAvailable), None where unknown."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
+        return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux: nothing to check against
-        return
-    if needed > available:
+        return None
+
+
+def _require_memory(n_matrices: float, seq_len: int, what: str) -> None:
+    """Fail fast, with the numbers, instead of letting the OS kill the process mid-build."""
+    needed = n_matrices * 8 * seq_len**2
+    available = available_memory()
+    if available is not None and needed > available:
         raise MemoryError(
             f"{what} for L={seq_len} needs about {needed / 1e9:.0f} GB of memory (float64 L×L "
             f"matrices), only {available / 1e9:.0f} GB available; use fewer levels "

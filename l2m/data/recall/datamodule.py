@@ -91,6 +91,9 @@ class RecallDataModule(DrawnDataModule):
     def answer_positions(self) -> torch.Tensor:
         return self.recall.answer_positions()
 
+    def answer_chance(self) -> float:
+        return 1 / self.recall.num_pairs
+
     # ---- streams ----
 
     def train_stream(self, rank: int = 0, world_size: int = 1, start: int = 0) -> BatchStream:
