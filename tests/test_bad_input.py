@@ -78,6 +78,9 @@ TRAIN_CASES = {
     "recall with one value": (["data=recall", "data.num_values=1"], "num_values must be an int (one value would "
                                                                      "leave nothing to recall) >= 2, got 1"),
     "recall without queries": (["data=recall", "data.num_queries=0"], "num_queries must be an int >= 1, got 0"),
+    "a Gaussian batch larger than any memory": (["data.copies=100000000"],
+                                                "a batch of 4 sequences x L=16 x 100,000,000 copies needs about 384 GB "
+                                                "of memory"),
     "two preemption intervals": (["callbacks.preemption.check_every_n_steps=5"],
                                  "callbacks.preemption: set one of check_every_seconds and check_every_n_steps, the "
                                  "other null (got 5.0 and 5)"),

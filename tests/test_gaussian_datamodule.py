@@ -198,3 +198,13 @@ def test_ddp_ranks_draw_distinct_batches_and_share_validation(tmp_path):
     full = dm.family.from_noise(dm.val_noise(range(3)))["x"]
     torch.testing.assert_close(seen[0]["val"][0], full[[0, 2]], rtol=0, atol=0)
     torch.testing.assert_close(seen[1]["val"][0], full[[1]], rtol=0, atol=0)
+
+
+def test_a_batch_of_gigabytes_is_announced_before_the_first_step(caplog):
+    caplog.set_level("INFO", logger="l2m.data.gaussian.datamodule")
+    GaussianDataModule(levels=3, copies=64, batch_size=16)
+    assert "needs about" not in caplog.text
+    GaussianDataModule(levels=3, copies=30_000, batch_size=16, val_size=256)
+    assert ("a batch of 16 sequences x L=64 x 30,000 copies needs about 2 GB of memory (its noise, sequences and "
+            "conditionals, the model's predictions and their gradients): every step takes a while, and so does the "
+            "held-out evaluation before the first (16 batches)") in caplog.text
