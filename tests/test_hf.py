@@ -2,6 +2,7 @@
 temporary folders, imported into l2m and exported back; init_from; evaluate.py on an HF folder."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from conftest import CONF, REPO  # noqa: E402
+from l2m.data.text.tokenizer import ByteTokenizer  # noqa: E402
 from l2m.jobs.run import evaluate, train  # noqa: E402
 from l2m.models import build_model, load_checkpoint  # noqa: E402
 from l2m.models.hf import from_hf, to_hf  # noqa: E402
@@ -146,6 +148,15 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path):
     model = load_checkpoint(ckpt).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (256, 257)  # the byte tokenizer's it was trained with
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")  # ... written beside it, same ids
+    text = "Le café\n\tétait très bon. 日本"
+    assert tokenizer(text).input_ids == ByteTokenizer().encode(text) and tokenizer.decode(tokenizer(text).input_ids) == text
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (256, 257)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()} == {
+        name: 0o666 & ~umask for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                          "tokenizer_config.json")}
     ids = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert relative(hf(ids).logits, model(ids)) <= 1e-5

@@ -1,27 +1,37 @@
 """`python -m l2m.export CKPT OUT_DIR`: write the model of an l2m checkpoint as a transformers folder
 (GPT2LMHeadModel, MambaForCausalLM or Mamba2ForCausalLM) that AutoModelForCausalLM loads, with the
-BOS and EOS ids of the tokenizer it was trained with."""
+tokenizer it was trained with (AutoTokenizer opens it) and its BOS and EOS ids. Only discrete-token
+models export; Gaussian-token models have no transformers counterpart."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from l2m.checks import BAD_INPUT, one_line_errors
-from l2m.data.text.tokenizer import get_tokenizer
+from l2m.data.text.tokenizer import Tokenizer, get_tokenizer
 from l2m.models import load_checkpoint
-from l2m.models.hf import to_hf
+from l2m.models.hf import plain_file_modes, to_hf
 
 
-def special_token_ids(data: dict) -> dict:
-    """{bos_token_id, eos_token_id} of the tokenizer named in a checkpoint's data config; None where the
-    data had no tokenizer or it cannot be loaded here (a hub id offline: a note says so)."""
-    tokenizer = None
+def trained_tokenizer(data: dict) -> Tokenizer | None:
+    """The tokenizer named in a checkpoint's data config; None where the data had none (token ids, not
+    text) or it cannot be loaded here (a hub id offline: a note says so)."""
     try:
-        tokenizer = get_tokenizer(data["tokenizer"]) if "tokenizer" in data else None
+        return get_tokenizer(data["tokenizer"]) if "tokenizer" in data else None
     except BAD_INPUT as error:
-        print(f"note: no BOS/EOS ids in config.json, the tokenizer did not load: {error}", file=sys.stderr)
-    return {"bos_token_id": tokenizer and tokenizer.bos_id, "eos_token_id": tokenizer and tokenizer.eos_id}
+        print(f"note: no tokenizer and no BOS/EOS ids in the folder, the tokenizer did not load: {error}", file=sys.stderr)
+        return None
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """The tokenizer as transformers.AutoTokenizer opens it, with the same ids and BOS/EOS tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=backend.id_to_token(tokenizer.bos_id),
+                            eos_token=backend.id_to_token(tokenizer.eos_id)).save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with one_line_errors(path_hint="check the checkpoint's path, or choose an OUT_DIR you can write to"):
         checkpoint = load_checkpoint(args.ckpt)
-        out = to_hf(checkpoint.model, args.out_dir, **special_token_ids(checkpoint.hparams["data"]))
-    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        tokenizer = trained_tokenizer(checkpoint.hparams["data"])
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
+        out = to_hf(checkpoint.model, args.out_dir, **ids)
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, out)
+            plain_file_modes(out)
+    loads = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    print(f"wrote {out}: load it with {loads}" + (", its tokenizer with AutoTokenizer" if tokenizer else
+                                                  " (no tokenizer: the model was trained on token ids, not text)"))
     return 0
 
 

@@ -14,6 +14,7 @@ and l2m keeps those rows (its logits drop them); transformers folders get the un
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -294,7 +295,17 @@ def to_hf(model: SequenceModel, out_dir: str | Path, bos_token_id: int | None = 
         raise RuntimeError(f"export of {arch} left weights unmatched: missing {missing}, unexpected {unexpected}")
     out = Path(out_dir)
     hf_model.to(next(model.parameters()).dtype).save_pretrained(out)
+    plain_file_modes(out)
     return out
+
+
+def plain_file_modes(folder: Path) -> None:
+    """Files of `folder` readable as the umask allows (safetensors writes its file 0600, beside 0644 ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 class HFCausalLM(torch.nn.Module):

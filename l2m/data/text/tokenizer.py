@@ -46,6 +46,26 @@ class ByteTokenizer:
     def fingerprint(self) -> str:
         return "byte-v1"
 
+    def backend(self):
+        """The same tokenizer as a `tokenizers.Tokenizer` (what a transformers folder holds): byte-level
+        BPE without merges, so that every UTF-8 byte is its own token with its own id."""
+        from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+        vocab = {char: byte for byte, char in _byte_characters().items()}
+        backend = Backend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(["<bos>", "<eos>"])  # ids 256, 257
+        return backend
+
+
+def _byte_characters() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (printable Latin-1 bytes as
+    themselves, the others as characters from U+0100 on), as tokenizers' ByteLevel pre-tokenizer maps them."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + n) for n, byte in enumerate(others)}}
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` (fast Hugging Face tokenizer) behind the common interface."""
@@ -56,6 +76,10 @@ class HFTokenizer:
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id(bos_token, _BOS_CANDIDATES, "bos_token")
         self.eos_id = self._special_id(eos_token, _EOS_CANDIDATES, "eos_token")
+
+    def backend(self):
+        """The `tokenizers.Tokenizer` behind it."""
+        return self._tok
 
     def _special_id(self, token: str | None, candidates: tuple[str, ...], arg: str) -> int:
         for t in [token] if token is not None else candidates:
