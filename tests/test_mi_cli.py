@@ -1,11 +1,14 @@
 """`python -m l2m.mi` end to end: an exact source, and a tiny l2m GPT trained on the shipped corpus."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 
+from conftest import REPO
 from l2m.mi.cli import main
 
 CORPUS = str(Path(__file__).parent / "data" / "corpus")
@@ -69,7 +72,7 @@ def test_short_samples_drop_splits_with_a_count(checkpoint, tmp_path):
     assert len(report["bipartite"]["splits"]) == 10
 
 
-def test_exact_source_reports_truth_and_logs_to_wandb(tmp_path, monkeypatch):
+def test_exact_source_reports_truth_and_logs_to_wandb(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     report = main(["--scorer", "exact:mixture", "--max-split", "4", "--num-samples", "3000",
                    "--max-distance", "8", "--out", str(tmp_path), "--no-progress", "--wandb"])
@@ -80,6 +83,12 @@ def test_exact_source_reports_truth_and_logs_to_wandb(tmp_path, monkeypatch):
         assert abs(p["mi"] - p["exact"]) < 4 * p["se"] + 1e-3
     assert report["bipartite"]["passes"] == 3000 * (1 + 2 * 2)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+    direct, exact = report["bipartite"]["fits"]["direct"], report["bipartite"]["exact_fits"]
+    assert sorted(exact) == sorted(direct) == [2, 3, 4]
+    for r, fit in exact.items():  # the estimate's β against the source's own, fitted the same way
+        assert abs(direct[r]["beta"] - fit["beta"]) < 3 * direct[r]["beta_se"], (r, direct[r], fit)
+    printed = capsys.readouterr().out
+    assert f"exact (the source)      2{exact[2]['beta']:>9.3f}" in printed
 
 
 def test_bad_input(checkpoint, tmp_path):
@@ -113,3 +122,12 @@ def test_hugging_face_model_from_local_folder(checkpoint, tmp_path):
     assert report["scorer"]["max_len"] == 63 and report["scorer"]["bos_id"] == 256
     assert [tuple(x) for x in report["bipartite"]["dropped"]] == [(16, 64)]
     assert (tmp_path / "mi" / "mi.json").exists()
+
+
+def test_off_a_terminal_the_cli_writes_no_progress_bars(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "l2m.mi", "--scorer", "exact:mixture", "--max-split", "4",
+                             "--num-samples", "50", "--max-distance", "4", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\x1b[" not in result.stdout + result.stderr and "\r" not in result.stdout + result.stderr
+    assert "exact (the source)" in result.stdout

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from l2m.checks import UserError, check_device, one_line_errors
+from l2m.fit import fit_power_law
 from l2m.mi.bipartite import bipartite_mi
 from l2m.mi.counts import PairCounter
 from l2m.mi.entropy import grassberger_entropy
@@ -117,7 +118,7 @@ def count_text(args, tokenizer, distances, vocab_size) -> tuple[PairCounter, flo
     counter, seconds = PairCounter(vocab_size, distances), 0.0
     docs = load_documents(args.corpus, args.split, args.text_column, args.subset, max_documents=args.max_documents,
                           encoding=args.encoding)
-    with tqdm(total=args.count_tokens, unit="tok", desc="counting pairs", disable=args.no_progress) as bar:
+    with tqdm(total=args.count_tokens, unit="tok", desc="counting pairs", disable=_bars_off(args)) as bar:
         for doc in docs:
             ids = np.asarray(tokenizer.encode(doc)[: args.count_tokens - counter.n_tokens], dtype=np.int64)
             start = time.perf_counter()
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
     splits = [2**k for k in range(1, int(np.log2(args.max_split)) + 1)]
     distances = [2**k for k in range(int(np.log2(args.max_distance)) + 1)]
     scorer, tokenizer, source = build_scorer(args)
-    scorer.progress = partial(tqdm, desc="scoring batches", unit="batch", leave=False, disable=args.no_progress)
+    scorer.progress = partial(tqdm, desc="scoring batches", unit="batch", leave=False, disable=_bars_off(args))
     if scorer.max_len is not None and seq_len > scorer.max_len:
         warnings.warn(f"the scorer reads at most {scorer.max_len} tokens: samples cut from {seq_len} to {scorer.max_len}")
     report = {"config": vars(args), "scorer": scorer.describe(), "seq_len": seq_len}
@@ -198,7 +199,7 @@ def main(argv=None) -> dict:
     bigram = grassberger_entropy(counter.pairs(1)[1]) if counter.pairs(1)[1].size else None
     report["bigram_entropy"] = None if bigram is None else {"value": bigram[0], "se": bigram[1]}
 
-    bar = partial(tqdm, desc="bipartite splits", disable=args.no_progress)
+    bar = partial(tqdm, desc="bipartite splits", disable=_bars_off(args))
     result = bipartite_mi(scorer, samples, splits, tuple(args.ratios), bigram, generator, bar)
     report["bipartite"] = result.as_dict()
     exact = None
@@ -210,6 +211,7 @@ def main(argv=None) -> dict:
                 entry["vclub_limit"] = source.vclub_limit(s.ell, s.seq_len)
             except ValueError:  # too long to enumerate
                 entry["exact"] = entry["vclub_limit"] = None
+        report["bipartite"]["exact_fits"] = _exact_fits(exact)
 
     points = report["two_point"]["points"]
     report["plots"] = {"bipartite": str(plot_bipartite(result, out / "bipartite_mi.png", exact)), "two_point": None}
@@ -221,6 +223,23 @@ def main(argv=None) -> dict:
         _log_wandb(args, report)
     _print_summary(report, out)
     return report
+
+
+def _bars_off(args) -> bool | None:
+    """tqdm's `disable`: True with --no-progress; None (off where stderr is no terminal, e.g. a log file,
+    in which nested bars leave cursor escapes) otherwise."""
+    return True if args.no_progress else None
+
+
+def _exact_fits(exact: dict[tuple[int, int], float]) -> dict[int, dict]:
+    """β per ratio r = L/ℓ of the exact source's own I_BP at the splits scored, fitted as the estimates are."""
+    fits = {}
+    for r in sorted({seq_len // ell for ell, seq_len in exact}):
+        points = [(seq_len, mi) for (ell, seq_len), mi in exact.items() if seq_len == r * ell and mi is not None and mi > 0]
+        if len(points) >= 2:
+            beta, prefactor, _ = fit_power_law(*zip(*points))
+            fits[r] = {"beta": beta, "prefactor": prefactor, "points": len(points)}
+    return fits
 
 
 def _log_wandb(args, report: dict) -> None:
@@ -249,6 +268,8 @@ def _print_summary(report: dict, out: Path) -> None:
             else:  # say so, rather than leave the estimator out of the table
                 print(f"{est:<20}{r:>5}   no fit: {f['points']} positive estimate(s), "
                       f"{f['nonpositive_dropped']} ≤ 0 dropped")
+    for r, f in b.get("exact_fits", {}).items():  # the truth the estimates are to be read against
+        print(f"{'exact (the source)':<20}{r:>5}{f['beta']:>9.3f}{'':>9}")
     fit = report["two_point"]["fit"]
     if fit:
         print(f"two-point MI: α = {fit['alpha']:.3f} ± {fit['alpha_se']:.3f}, C = {fit['offset']:.3g}")

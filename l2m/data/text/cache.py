@@ -171,7 +171,7 @@ def _build_into(tmp: Path, path: Path, docs: Iterable[str], tokenizer: Tokenizer
     n_docs = n_skipped = n_doc_tokens = 0
     index: list[tuple[int, int, int]] = []
     t0 = time.perf_counter()
-    with open(tmp / "tokens.bin", "wb") as out, tqdm(desc=desc, unit="doc", disable=not progress) as bar:
+    with open(tmp / "tokens.bin", "wb") as out, tqdm(desc=desc, unit="doc", disable=None if progress else True) as bar:  # None: off where no terminal reads it
         for texts in _batches(docs):
             for text, (ids, char_of_token) in zip(texts, tokenizer.encode_offsets(texts)):
                 samples = document_samples(text, ids, char_of_token, tokenizer, sample_len)
