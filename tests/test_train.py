@@ -111,6 +111,11 @@ def test_evaluate_recomputes_the_same_metrics_from_the_checkpoint(main_run, tmp_
     for key in ("avg_kl", "kl_first_quarter", "kl_last_quarter", "avg_nll", "initial_avg_kl", "ratio"):
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
     assert (tmp_path / "same" / "positionwise.png").is_file() and (tmp_path / "same" / "positionwise.csv").is_file()
+    # what the checkpoint remembers of training is marked as such, in summary.json and the table
+    assert evaluated["from_training"] == ["initial_avg_kl", "initial_avg_nll", "slope_last20", "slope_last20_se",
+                                          "still_falling", "heldout_history"]
+    assert "│ initial_avg_kl *" in result.stdout and "│ avg_kl *" not in result.stdout
+    assert "*: from the training run; the rest measured again on the held-out set" in result.stdout
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "data.val_size=16"])

@@ -302,6 +302,10 @@ def _train_in(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback]) -
 HF_PREFIX = "hf:"
 
 
+# Summary keys computed from the training run's periodic held-out evaluations (convergence).
+TRAINING_HISTORY_KEYS = ("slope_last20", "slope_last20_se", "still_falling", "heldout_history")
+
+
 def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Recompute position-wise metrics of `cfg.ckpt_path` on its held-out set (an l2m checkpoint),
     or of a Hugging Face causal LM (ckpt_path=hf:<folder or id>) on the text data given in
@@ -338,8 +342,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     with expected_warnings_silenced():
         metrics = evaluate_heldout(model, datamodule, device, keep_heldout=True)
     analysis = analyse_state(metrics, model, datamodule, **_plain(cfg.analysis))
-    summary = run_summary(model, name, datamodule, metrics, step, analysis, callback_state.get("history"))
-    summary = {**summary, **(callback_state.get("initial") or {}), "ckpt_path": source}
+    history, initial = callback_state.get("history"), callback_state.get("initial") or {}
+    summary = run_summary(model, name, datamodule, metrics, step, analysis, history)
+    # what the checkpoint remembers of its training, not measured here: said so in the table and the summary
+    from_training = [*initial, *(TRAINING_HISTORY_KEYS if history else ())]
+    summary = {**summary, **initial, "ckpt_path": source, "from_training": from_training}
     paths = write_outputs(run_dir, metrics, summary, analysis, title=name, smooth=cfg.smooth)
     print_summary(summary, {"plot": paths["plot"], "metrics": paths["summary"]})
     return summary

@@ -120,7 +120,7 @@ def plot_positionwise(
 NOT_SHOWN = {"task", "reference_family", "history_split", "history_split_label", "num_sequences",
              "heldout_history", "window_avg_kl", "effective_context_searched_up_to", "verdict_tolerance",
              "dim_z_half_bound", "avg_nll_floor", "nll_floor_first_quarter", "nll_floor_last_quarter", "step",
-             "paired_references", "paired_z", "floor_tolerance"}
+             "paired_references", "paired_z", "floor_tolerance", "from_training"}
 
 
 def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
@@ -163,11 +163,13 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "answer_chance": "  chance: a value of the context (1/P)",
         "still_falling": "still improving (last 20%)",
     }
-    table = Table(title=f"L²M run summary (nats; {measured} per token)")
+    from_training = set(summary.get("from_training") or ())  # evaluate.py: the rest is measured again
+    caption = "*: from the training run; the rest measured again on the held-out set" if from_training else None
+    table = Table(title=f"L²M run summary (nats; {measured} per token)", caption=caption)
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key in keys:
-        table.add_row(labels.get(key, key), format_number(summary.get(key)))
+        table.add_row(labels.get(key, key) + (" *" if key in from_training else ""), format_number(summary.get(key)))
     console = Console()
     console.print(table)
     for name, path in paths.items():
