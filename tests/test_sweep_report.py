@@ -148,6 +148,8 @@ def test_collapse_metric_seeds_series_and_crashed_runs_on_runs_whose_answer_is_k
             "gpt n_layer=16", "mamba2"} == series
     (seeds,) = [r for r in rows if r["series"] == "mamba2"]
     assert int(seeds["seeds"]) == 2 and float(seeds["avg_kl"]) == 1.5
+    assert seeds["seq_len"].isdigit() and seeds["params"].isdigit()  # equal over seeds: kept, not averaged to floats
+    assert not list((tmp_path / "report").glob("positionwise_L*.0.png"))
     assert float(seeds["avg_kl_spread"]) == pytest.approx(np.std([1.0, 2.0], ddof=1))
     assert len(rows) == 9 + 9 + 1  # only the two mamba2 seeds are merged
     stdout = result.stdout
@@ -231,3 +233,24 @@ def test_runs_without_a_history_state_are_reported_and_a_missing_collapse_says_w
     result = run_sweep(str(root), "--out", str(tmp_path / "three"))
     assert result.returncode == 0, result.stderr
     assert "(2 runs) — 2 runs with a state and KL > 0: R² on one variable needs 3 or more, on both 4" in result.stdout
+
+
+def test_a_log_axis_under_two_decades_labels_its_ticks_with_plain_numbers():
+    from matplotlib.figure import Figure
+
+    from l2m.report.format import readable_log_ticks
+
+    fig = Figure()
+    narrow, wide, octaves = fig.subplots(1, 3)
+    narrow.plot([1, 60], [68, 91])
+    wide.plot([1, 2], [1e-3, 10])
+    octaves.plot([16, 256], [1, 2])
+    for ax in (narrow, wide):
+        ax.set_yscale("log")
+    octaves.set_xscale("log", base=2)
+    readable_log_ticks(fig)
+    low, high = narrow.get_ylim()
+    labels = {t.get_text() for t in narrow.yaxis.get_ticklabels(minor=True) if low <= t.get_position()[1] <= high}
+    assert {"70", "80", "90"} <= labels  # matplotlib alone: 7×10¹, 8×10¹, 9×10¹, where it shows them at all
+    assert not any(t.get_text() for t in wide.yaxis.get_ticklabels(minor=True))  # decades suffice
+    assert octaves.xaxis.get_minor_formatter().__class__.__name__ != "FuncFormatter"  # powers of two stay

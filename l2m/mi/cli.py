@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     report["plots"] = {"bipartite": str(plot_bipartite(result, out / "bipartite_mi.png", exact)), "two_point": None}
     if points:
         curve = [[p[k] for p in points] for k in ("d", "mi", "se")]
-        report["plots"]["two_point"] = str(plot_two_point(*curve, fit, out / "two_point_mi.png"))
+        exact_curve = [p["exact"] for p in points] if all(p.get("exact") is not None for p in points) else None
+        report["plots"]["two_point"] = str(plot_two_point(*curve, fit, out / "two_point_mi.png", exact_curve))
     (out / "mi.json").write_text(json.dumps(report, indent=1, default=float))
     if args.wandb:
         _log_wandb(args, report)

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 from l2m.evaluation import Positionwise, StateAnalysis
-from l2m.report.format import format_number
+from l2m.report.format import format_number, readable_log_ticks
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "positionwise.csv", "summary.json", "positionwise.png"
 
@@ -84,7 +84,7 @@ def plot_positionwise(
     fig = Figure(figsize=(5.5 * n_panels, 4))  # not pyplot: leaves the caller's backend alone
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     for ax, (label, curve, floor, refs) in zip(axes, panels):
-        ax.plot(positions, moving_average(curve, smooth), label=f"model (window {smooth})")
+        ax.plot(positions, moving_average(curve, smooth), label=f"model (moving average over {smooth} positions)" if smooth > 1 else "model")
         if floor is not None:  # smoothed alike, so the smoothed NLL (= KL + floor) never dips below it
             ax.plot(positions, moving_average(floor, smooth), "k--", lw=1, label="exact floor $H_p(W_i|W_{<i})$")
         for i, (name, ref) in enumerate(refs.items()):
@@ -113,6 +113,7 @@ def plot_positionwise(
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
+    readable_log_ticks(fig)
     fig.savefig(path, dpi=120)
 
 

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from l2m.checks import UserError
-from l2m.report.format import format_number
+from l2m.report.format import format_number, readable_log_ticks
 
 COLUMNS = [
     "run_dir", "series", "model", "arch", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
@@ -271,6 +271,8 @@ def average_seeds(rows: list[dict]) -> list[dict]:
         row = dict(group[0])
         for key in [k for k in row if not k.startswith("_")]:
             values = [r.get(key) for r in group]
+            if all(v == values[0] and type(v) is type(values[0]) for v in values):  # L, params, ...: kept as they are
+                continue
             if all(isinstance(v, bool) for v in values):
                 row[key] = values[0] if len(set(values)) == 1 else None
             elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -465,8 +467,11 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     lengths = sorted({r["seq_len"] for r in rows})
     ax_len.set_xticks(lengths, [str(n) for n in lengths])  # after _log_axes: its formatters would relabel them
     ax_len.minorticks_off()
-    fig.suptitle(f"L²M sweep: {len(rows)} runs")
+    runs = sum(r.get("seeds") or 1 for r in rows)
+    fig.suptitle(f"L²M sweep: {runs} run{'s' * (runs != 1)}"
+                 + (f" in {len(rows)} configurations (seeds averaged)" if runs != len(rows) else ""))
     fig.tight_layout()
+    readable_log_ticks(fig)
     fig.savefig(path, dpi=120)
 
 
@@ -504,6 +509,7 @@ def plot_overlays(rows: list[dict], out: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         path = out / f"positionwise_L{length}.png"
+        readable_log_ticks(fig)
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
@@ -526,6 +532,7 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
     ax.legend(fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    readable_log_ticks(fig)
     fig.savefig(path, dpi=110)
     return path
 
