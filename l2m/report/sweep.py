@@ -393,17 +393,23 @@ def _receptive_floor(row: dict) -> float | None:
     return row["avg_kl"] - row["kl_minus_floor"]
 
 
+def series_styles(rows: list[dict]) -> dict[str, dict]:
+    """One colour and marker per series, the same in every figure of a report."""
+    markers = "osD^vP*Xh<>"
+    return {series: {"color": f"C{i % 10}", "marker": markers[i % len(markers)]}
+            for i, series in enumerate(sorted({r["series"] for r in rows}))}
+
+
 def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict | None = None,
                references: dict | None = None) -> None:
     """(a) KL vs L per series with window references, (b) KL vs I_BP / dim(z) per architecture with
     the collapse metric, (c) tail KL after L/2 vs its linear-state bound."""
     fig = Figure(figsize=(16, 4.8))  # not pyplot: leaves the caller's backend alone
     ax_len, ax_ratio, ax_bound = fig.subplots(1, 3)
-    markers = "osD^vP*Xh<>"
     positive = all(r["kl"] > 0 for r in rows)
-    for i, series in enumerate(sorted({r["series"] for r in rows})):
+    for series, series_style in series_styles(rows).items():
         runs = [r for r in rows if r["series"] == series]
-        style = dict(marker=markers[i % len(markers)], color=f"C{i % 10}", label=series, ms=6)
+        style = dict(**series_style, label=series, ms=6)
         spread = [r["kl_spread"] or 0.0 for r in runs]
         ax_len.errorbar([r["seq_len"] for r in runs], [r["kl"] for r in runs], yerr=spread, lw=1, capsize=2, **style)
         floored = [r for r in runs if _receptive_floor(r) is not None]
@@ -483,17 +489,17 @@ def _read_positionwise(run_dir: Path) -> dict[str, np.ndarray]:
 
 def plot_overlays(rows: list[dict], out: Path) -> list[Path]:
     """One figure per L: every run's position-wise KL and the exact references of its data."""
-    paths = []
+    paths, styles = [], series_styles(rows)
     for length in sorted({r["seq_len"] for r in rows}):
         fig = Figure(figsize=(6.5, 4.5))
         ax = fig.subplots()
         drawn_refs = False
-        for i, row in enumerate(r for r in rows if r["seq_len"] == length):
+        for row in (r for r in rows if r["seq_len"] == length):
             run_dir = Path(row["run_dir"].split(";")[0])
             if not (run_dir / "positionwise.csv").exists():
                 continue
             curves = _read_positionwise(run_dir)
-            ax.plot(curves["position"], curves["kl"], color=f"C{i % 10}", lw=1.2, label=row["series"])
+            ax.plot(curves["position"], curves["kl"], color=styles[row["series"]]["color"], lw=1.2, label=row["series"])
             if not drawn_refs:
                 for name in [k for k in curves if k.startswith("kl_window") or k == "kl_nocontext"]:
                     ref = np.where(curves[name] > 0, curves[name], np.nan)
@@ -522,9 +528,11 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
-    for i, row in enumerate(with_history):
+    styles, lengths = series_styles(rows), sorted({r["seq_len"] for r in with_history})
+    for row in with_history:  # the series' colour; its lengths told apart by the line
         steps, values = zip(*row["_history"])
-        ax.plot(steps, values, color=f"C{i % 10}", lw=1, label=f"{row['series']} L={row['seq_len']}")
+        ax.plot(steps, values, color=styles[row["series"]]["color"], ls=("-", "--", "-.", ":")[lengths.index(row["seq_len"]) % 4],
+                lw=1, label=f"{row['series']} L={row['seq_len']}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     answers = any(r["answer_kl"] is not None for r in with_history)
