@@ -449,6 +449,7 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     split = split_label(rows)
     ax_ratio.set_xlabel(f"$I_{{BP}}$ / dim($z$) at {split}   [{what}]")
     metrics = "; ".join(
+        f"{arch}: no fit (its runs span one L; the collapse needs two or more)" if m.get("why_none") else
         f"{arch}: R²(ratio) {format_number(m['r2_ratio'])}, R²(L) {format_number(m['r2_length'])}"
         for arch, m in (collapse or {}).items()
     )
