@@ -393,6 +393,14 @@ def _receptive_floor(row: dict) -> float | None:
     return row["avg_kl"] - row["kl_minus_floor"]
 
 
+def reference_line(window: int) -> dict:
+    """How the exact best window-k predictor (0: no context) is drawn and named in every figure: in the
+    legend, not as a label at the edge (labels of close curves overlapped there, and were clipped)."""
+    rank = WINDOWS.index(window) if window in WINDOWS else 0
+    return {"color": "gray", "ls": (":", "-.", "--", (0, (6, 2, 1, 2, 1, 2)))[rank], "lw": 1.1, "alpha": 0.5 + 0.15 * rank,
+            "label": "exact: no context" if window == 0 else f"exact: best window {window}"}
+
+
 def series_styles(rows: list[dict]) -> dict[str, dict]:
     """One colour and marker per series, the same in every figure of a report."""
     markers = "osD^vP*Xh<>"
@@ -429,14 +437,13 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     by_family: dict[str, list] = defaultdict(list)
     for (family, length), curve in sorted((references or {}).items(), key=lambda item: (str(item[0][0]), item[0][1])):
         by_family[str(family)].append((length, curve))
-    for points in by_family.values():
+    for family, points in enumerate(by_family.values()):
         for k in WINDOWS:
             xs = [length for length, curve in points if k in curve]
-            ax_len.plot(xs, [curve[k] for length, curve in points if k in curve], ls=":", marker="_", ms=12, lw=1,
-                        color="gray", alpha=0.4 + 0.15 * WINDOWS.index(k))
-            if xs:
-                label = "no context" if k == 0 else f"window {k}"
-                ax_len.annotate(f"exact {label}", (xs[-1], points[-1][1].get(k, np.nan)), fontsize=6, color="gray")
+            line = reference_line(k)
+            if family:  # named once in the legend
+                line.pop("label")
+            ax_len.plot(xs, [curve[k] for length, curve in points if k in curve], marker="_", ms=12, **line)
     what = "SSM state / KV cache" if state == "ssm" else "whole history state"
     ax_len.set_xlabel("sequence length L")
     ax_len.set_xscale("log", base=2)
@@ -476,7 +483,7 @@ def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict 
     ax_len.minorticks_off()
     runs = sum(r.get("seeds") or 1 for r in rows)
     fig.suptitle(f"L²M sweep: {runs} run{'s' * (runs != 1)}"
-                 + (f" in {len(rows)} configurations (seeds averaged)" if runs != len(rows) else ""))
+                 + (f" in {len(rows)} configuration{'s' * (len(rows) != 1)} (seeds averaged)" if runs != len(rows) else ""))
     fig.tight_layout()
     readable_log_ticks(fig)
     fig.savefig(path, dpi=120)
@@ -504,14 +511,14 @@ def plot_overlays(rows: list[dict], out: Path) -> list[Path]:
             if not drawn_refs:
                 for name in [k for k in curves if k.startswith("kl_window") or k == "kl_nocontext"]:
                     ref = np.where(curves[name] > 0, curves[name], np.nan)
-                    ax.plot(curves["position"], ref, ls=":", color="gray", lw=1)
-                    ax.annotate(name.removeprefix("kl_"), (curves["position"][-1], ref[-1]), fontsize=6, color="gray")
+                    window = 0 if name == "kl_nocontext" else int(name.removeprefix("kl_window"))
+                    ax.plot(curves["position"], ref, **reference_line(window))
                 drawn_refs = True
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("position i")
         ax.set_ylabel("KL$_i$ (nats/token)")
-        ax.set_title(f"L = {length}: every run, and the exact window-k predictors (dotted)")
+        ax.set_title(f"L = {length}: every run, and the exact window-k predictors (dotted)", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
