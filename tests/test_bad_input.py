@@ -334,3 +334,23 @@ def test_train_log_holds_what_the_run_printed_and_its_error(tmp_path):
     failed = run_script("train.py", *RUN, "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'failed'}")
     assert failed.returncode == 1
     assert "error: trainer.max_steps must be a step count" in (tmp_path / "failed" / "train.log").read_text()
+
+
+def test_on_a_terminal_a_full_disk_ends_the_bar_line_before_its_one_line_error(tmp_path, capsys, monkeypatch):
+    """The bar (stdout) and the error (stderr) share the terminal: the error used to be glued to the end
+    of the bar's last redraw."""
+    disk = tmp_path / "full"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[*PROGRESS_RUN, "trainer.max_steps=15"])
+        with pytest.raises(SystemExit) as stop, report_errors():
+            train(cfg, run_dir=disk / "run")
+        out, err = capsys.readouterr()
+    finally:
+        subprocess.run(["umount", str(disk)])
+    assert stop.value.code == 1 and "training steps" in out and out.endswith("\n"), out[-300:]
+    assert err.startswith("error: no space left on the device writing the checkpoint "), err

@@ -41,6 +41,13 @@ class StepProgressBar(TQDMProgressBar):
             self._show(trainer.global_step)
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """End the bars' lines, so that the run's one-line error (on stderr, the same terminal) starts a
+        line of its own instead of being glued to the last redraw."""
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None:
+                bar.close()
+
     def _show(self, step: int) -> None:
         if not self.train_progress_bar.disable:
             self.train_progress_bar.n = step
