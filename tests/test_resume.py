@@ -242,7 +242,13 @@ def test_local_launcher_runs_jobs_at_once_with_the_results_of_a_sequential_sweep
     sweep = ["-m", *FAST, "model=tiny-gpt,tiny-mamba", "trainer.max_steps=30"]
     parallel = run_script("train.py", *sweep, "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'parallel'}")
     assert parallel.returncode == 0, parallel.stderr[-3000:]
-    assert "running 2 jobs, 2 at a time" in parallel.stdout
+    assert (f"running 2 jobs, 2 at a time; their logs: each run directory's train.log, and submitit's under "
+            f"{tmp_path / 'parallel' / '.submitit' / '<job id>'}") in parallel.stdout
+    logs = sorted((tmp_path / "parallel").glob("*/train.log"))
+    assert len(logs) == 2
+    for log in logs:  # the run's own output, submitit's lines once each
+        text = log.read_text()
+        assert "L²M run summary" in text and text.count("Job completed successfully") == 1, text
     assert f"2 of 2 jobs finished under {tmp_path / 'parallel'}; the report: python -m l2m.sweep" in parallel.stdout
     assert not (tmp_path / "parallel" / ".submitit" / "%j").exists()  # submitit's template folder, empty
     sequential = run_script("train.py", *sweep, f"hydra.sweep.dir={tmp_path / 'sequential'}")

@@ -85,6 +85,11 @@ class _SweepLauncher(BaseSubmititLauncher):
             raise SweepJobsFailed(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n  " + "\n  ".join(failed))
         return results
 
+    def _logs(self) -> str:
+        """Where a job's output goes: its run directory's train.log, and submitit's folder per job."""
+        folder = str(self.params["submitit_folder"]).replace("%j", "<job id>")
+        return f"each run directory's train.log, and submitit's under {folder}"
+
     def _submit(self, params: list[tuple]) -> list:
         raise NotImplementedError
 
@@ -110,7 +115,7 @@ class SlurmLauncher(_SweepLauncher):
 
     def _submit(self, params: list[tuple]) -> list:
         executor = self._executor()
-        print(f"submitting {len(params)} SLURM jobs; their logs: {self.params['submitit_folder']}", flush=True)
+        print(f"submitting {len(params)} SLURM jobs; their logs: {self._logs()}", flush=True)
         return executor.map_array(self, *zip(*params))
 
     def _wait(self, job: Any) -> bool:
@@ -151,7 +156,7 @@ class LocalLauncher(_SweepLauncher):
         executor = submitit.LocalExecutor(folder=self.params["submitit_folder"])
         executor.update_parameters(timeout_min=self.params["timeout_min"])
         free, running, jobs = self._slots(), {}, []
-        print(f"running {len(params)} jobs, {len(free)} at a time; their logs: {self.params['submitit_folder']}", flush=True)
+        print(f"running {len(params)} jobs, {len(free)} at a time; their logs: {self._logs()}", flush=True)
         for job_params in params:
             while not free:
                 time.sleep(0.5)
