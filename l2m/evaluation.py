@@ -298,7 +298,6 @@ def analyse_state(
         "kl_minus_window": {str(k): [p.difference, p.se] for k, p in sorted(paired.items()) if k in named},
         "on_references": [_window_name(k) for k, p in sorted(paired.items()) if k in named and p.on(paired_z)],
         **floor,
-        "dim_z_half_bound": int(model.bound_state_size(half)),
         "bound_half": None if math.isnan(bound_half) else bound_half,
         "tail_kl_half": tail_half,
         **verdicts,

@@ -298,7 +298,11 @@ def test_fla_kernels_equal_the_torch_path_on_the_gpu(arch):
 
 # One preset per mixer class and its most parameters (tiny-linear-attention, -retnet and -deltanet differ
 # from tiny-gla and tiny-gated-deltanet only in the decay; test_models builds and runs every preset).
-@pytest.mark.parametrize("preset", ["tiny-swa", "tiny-gla", "tiny-gated-deltanet", "tiny-hybrid"])
+FAMILIES = {"tiny-swa": "swa", "tiny-gla": "gla", "tiny-gated-deltanet": "gated deltanet",
+            "tiny-hybrid": "hybrid mamba2+attention"}
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
 def test_each_new_preset_trains_resumes_exactly_and_evaluates(compose_train, tmp_path, preset):
     from hydra import compose, initialize_config_dir
 
@@ -317,6 +321,8 @@ def test_each_new_preset_trains_resumes_exactly_and_evaluates(compose_train, tmp
         torch.testing.assert_close(ends[1]["state_dict"][name], weights, rtol=0, atol=0, msg=name)
     assert resumed["avg_kl"] == full["avg_kl"] and resumed["model"] == preset
     assert resumed["receptive_field"] == (31 if preset == "tiny-swa" else None)  # 2 layers of window 16
+    assert resumed["family"] == FAMILIES[preset]  # what the recall frontier groups runs by
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
-    assert evaluate(cfg, run_dir=tmp_path / "eval")["avg_kl"] == pytest.approx(full["avg_kl"], rel=1e-6)
+    evaluated = evaluate(cfg, run_dir=tmp_path / "eval")
+    assert evaluated["avg_kl"] == pytest.approx(full["avg_kl"], rel=1e-6) and evaluated["family"] == FAMILIES[preset]

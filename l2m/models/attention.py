@@ -55,6 +55,10 @@ class AttentionConfig(MixerConfig):
     bias: bool = False  # in its two linear layers
     dropout: float = 0.0
 
+    @property
+    def family(self) -> str:
+        return "attention" if self.window is None else "swa"
+
     def _check(self) -> None:
         super()._check()
         self.choice("positional", POSITIONAL)

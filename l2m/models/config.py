@@ -67,6 +67,12 @@ class ModelConfig:
         if getattr(self, key) not in options:
             raise UserError(f"model {key} for {self.arch} must be one of {options}, got {getattr(self, key)!r}")
 
+    @property
+    def family(self) -> str:
+        """The family reports group runs of different sizes by (the recall frontier): the arch, unless a
+        field changes the mechanism (a window, a decay)."""
+        return self.arch
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

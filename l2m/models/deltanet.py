@@ -46,6 +46,10 @@ class DeltaNetConfig(MixerConfig):
     backend: str = "auto"  # auto | torch | kernels (fla-core's chunk_delta_rule / chunk_gated_delta_rule on CUDA)
 
     @property
+    def family(self) -> str:
+        return {"none": "deltanet", "gated": "gated deltanet"}[self.decay]
+
+    @property
     def kernels(self) -> tuple[str, ...]:
         return ("chunk_gated_delta_rule",) if self.decay == "gated" else ("chunk_delta_rule",)
 

@@ -42,6 +42,10 @@ class GPTConfig(ModelConfig):
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def family(self) -> str:
+        return "gpt" if self.window is None else "swa"
+
     def _check(self) -> None:
         super()._check()
         self.choice("positional", POSITIONAL)

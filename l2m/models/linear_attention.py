@@ -61,6 +61,10 @@ class LinearAttentionConfig(MixerConfig):
     backend: str = "auto"  # auto | torch | kernels (fla-core's chunk_gla / chunk_simple_gla on CUDA)
 
     @property
+    def family(self) -> str:
+        return {"none": "linear attention", "fixed": "retnet", "gated": "gla"}[self.decay]
+
+    @property
     def kernels(self) -> tuple[str, ...]:
         return ("chunk_gla",) if self.decay == "gated" else ("chunk_simple_gla",)
 

@@ -75,6 +75,11 @@ class HybridConfig(MixerConfig):
         if unused:
             raise UserError(f"model mixers has options for {unused}, which model layers={list(self.layers)} does not use")
 
+    @property
+    def family(self) -> str:
+        """"hybrid" and its pattern's families, e.g. "hybrid mamba2+swa"."""
+        return "hybrid " + "+".join(config.family for config in self.layer_configs()[:len(self.layers)])
+
     def layer_configs(self) -> list[MixerConfig]:
         """One checked config per layer: its mixer's options, with d_model and n_layer of the stack."""
         configs = {}
@@ -169,6 +174,7 @@ def build_model(cfg: Mapping | ModelConfig, io: Mapping, max_seq_len: int | None
     if max_seq_len is not None and hasattr(config, "max_seq_len"):
         config = dataclasses.replace(config, max_seq_len=max_seq_len)
     encoder, decoder = build_io(io, config)
-    model = SequenceModel(encoder, architecture(config.arch).backbone(config), decoder, name=config.name)
+    model = SequenceModel(encoder, architecture(config.arch).backbone(config), decoder, name=config.name,
+                          family=config.family)
     model.io = dict(io)  # the token kind it reads and writes
     return model

@@ -23,9 +23,10 @@ class SequenceModel(nn.Module):
     losses(batch): the output adapter's loss and per-token curves on a batch of BOS + L tokens.
     """
 
-    def __init__(self, encoder: nn.Module, backbone: nn.Module, decoder: nn.Module, name: str | None = None):
+    def __init__(self, encoder: nn.Module, backbone: nn.Module, decoder: nn.Module, name: str | None = None,
+                 family: str | None = None):
         super().__init__()
-        self.name = name
+        self.name, self.family = name, family
         self.encoder, self.backbone, self.decoder = encoder, backbone, decoder
 
     @property

@@ -45,10 +45,12 @@ def history_state_summary(model: Any, datamodule: L2MData) -> dict[str, Any]:
         "history_split_label": datamodule.history_split_label,
         "dim_z_half": int(dim_z),
         **parts,
+        "dim_z_half_bound": int(model.bound_state_size(half)),  # what the capacity bound counts (no conv)
         "i_bp_half": None if i_bp is None else float(i_bp),
         # no state (a window of one token keeps nothing of the past): the ratio is infinite, not a number
         "ratio": None if i_bp is None or dim_z == 0 else float(i_bp) / dim_z,
         "receptive_field": getattr(model, "receptive_field", None),
+        "family": getattr(model, "family", None),  # what the recall frontier groups runs by
     }
 
 
