@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,55 @@ def test_a_log_axis_under_two_decades_labels_its_ticks_with_plain_numbers():
     assert {"70", "80", "90"} <= labels  # matplotlib alone: 7×10¹, 8×10¹, 9×10¹, where it shows them at all
     assert not any(t.get_text() for t in wide.yaxis.get_ticklabels(minor=True))  # decades suffice
     assert octaves.xaxis.get_minor_formatter().__class__.__name__ != "FuncFormatter"  # powers of two stay
+
+
+def recall_family_runs(root: Path, family: str, arch: str, sizes: tuple, factor: float, rng) -> None:
+    """Recall runs of one family at P = 4, 8 and the given state sizes: answer KL = factor * 0.3 *
+    (I_BP / dim z)^0.7 within ±3% noise (factor 1: on the curve every family shares)."""
+    for pairs in (4, 8):
+        for dim_z in sizes:
+            i_bp = 5.0 * pairs
+            kl = factor * 0.3 * (i_bp / dim_z) ** 0.7 * float(rng.uniform(0.97, 1.03))
+            make_run(root, f"{family}-{pairs}-{dim_z}", {"name": f"recall-{family}", "arch": arch, "size": dim_z},
+                     {"dim_z": dim_z, "i_bp_half": i_bp, "seq_len": 2 * pairs + 16, "task": "recall", "family": family,
+                      "answer_kl": kl, "answer_accuracy": float(np.exp(-kl)), "answer_chance": 1 / pairs, "avg_kl": kl / 4},
+                     data={"num_pairs": pairs, "num_queries": 8, "seed": 0})
+
+
+def test_the_recall_frontier_puts_every_family_against_one_curve_and_names_those_above_it(tmp_path):
+    rng = np.random.default_rng(0)
+    on_curve = tmp_path / "on"
+    recall_family_runs(on_curve, "deltanet", "deltanet", (128, 512), 1.0, rng)
+    recall_family_runs(on_curve, "gated deltanet", "deltanet", (128, 512), 1.0, rng)  # one arch, two families
+    recall_family_runs(on_curve, "mamba2", "mamba2", (32, 64, 256), 1.0, rng)
+    result = run_sweep(str(on_curve), "--out", str(tmp_path / "on-report"))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("across families:"))
+    r2 = float(line.split("R² on log ratio ")[1].split(" ")[0])
+    assert r2 > 0.99 and "(14 runs); deltanet on, gated deltanet on, mamba2 on" in line, line
+    rows = read_rows(tmp_path / "on-report" / "sweep.csv")
+    assert {r["family"] for r in rows} == {"deltanet", "gated deltanet", "mamba2"}
+    assert (tmp_path / "on-report" / "recall_frontier.png").stat().st_size > 40_000
+    report = (tmp_path / "on-report" / "report.md").read_text()
+    assert "![recall frontier](recall_frontier.png)" in report and "| gated deltanet | 4 |" in report
+
+    above = tmp_path / "above"
+    shutil.copytree(on_curve, above)
+    recall_family_runs(above, "gla", "linear_attention", (128, 512), 3.0, rng)  # three times the KL its state allows
+    result = run_sweep(str(above), "--out", str(tmp_path / "above-report"))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("across families:"))
+    assert "gla above" in line and float(line.split("R² on log ratio ")[1].split(" ")[0]) < r2, line
+
+
+def test_the_recall_frontier_needs_answers_and_two_families(tmp_path):
+    rng = np.random.default_rng(1)
+    recall_family_runs(tmp_path / "one", "mamba2", "mamba2", (32, 256), 1.0, rng)
+    result = run_sweep(str(tmp_path / "one"), "--out", str(tmp_path / "one-report"))
+    assert result.returncode == 0, result.stderr
+    assert "across families" not in result.stdout  # one family: no curve to share
+    assert "No curve across families: it needs two families" in (tmp_path / "one-report" / "report.md").read_text()
+    assert (tmp_path / "one-report" / "recall_frontier.png").exists()  # its frontier still drawn
+    make_run(tmp_path / "gaussian", "gpt", {"name": "tiny-gpt", "arch": "gpt"}, {"dim_z": 512, "avg_kl": 0.4})
+    result = run_sweep(str(tmp_path / "gaussian"), "--out", str(tmp_path / "gaussian-report"))
+    assert result.returncode == 0 and not (tmp_path / "gaussian-report" / "recall_frontier.png").exists()

@@ -39,7 +39,7 @@ from l2m.checks import UserError
 from l2m.report.format import format_number, readable_log_ticks
 
 COLUMNS = [
-    "run_dir", "series", "model", "arch", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
+    "run_dir", "series", "model", "arch", "family", "params", "varying", "seq_len", "copies", "steps", "seeds", "dim_z",
     "dim_z_total", "i_bp_half", "ratio", "kl", "kl_spread", "avg_kl", "avg_kl_se", "avg_kl_spread", "avg_kl_per_copy",
     "answer_kl", "answer_accuracy", "answer_chance",
     "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "utilization", "receptive_field",
@@ -47,8 +47,9 @@ COLUMNS = [
     "state_limited", "training_limited", "converged", "lr", "lr_grid", "grid_kl_max", "best_lr_at_edge", "best_of_grid",
 ]
 NEEDED = ["model", "seq_len", "dim_z_half", "i_bp_half", "avg_kl"]
-# History-state parts that count for --state ssm in summaries written before dim_z_half_bound existed.
-SSM_PARTS = ("ssm", "kv")
+# The history-state part that --state ssm leaves out where a summary has no dim_z_half_bound (data
+# without exact references, summaries before it existed), as SequenceModel.bound_state_size does.
+CONV_PART = "dim_z_half_conv"
 # Settings that tell apart runs of one configuration, not the configuration.
 SEED_KEYS = ("seed", "data.seed")
 # Settings of an lr grid under one configuration: the report keeps each grid's best run (lowest KL).
@@ -136,7 +137,7 @@ def state_dim(summary: dict, state: str) -> int | None:
         return summary["dim_z_half"]
     if summary.get("dim_z_half_bound") is not None:
         return summary["dim_z_half_bound"]
-    parts = [summary[f"dim_z_half_{p}"] for p in SSM_PARTS if summary.get(f"dim_z_half_{p}") is not None]
+    parts = [v for k, v in summary.items() if k.startswith("dim_z_half_") and k != CONV_PART and isinstance(v, int)]
     return sum(parts) if parts else None
 
 
@@ -176,6 +177,7 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "series": " ".join([str(arch)] + [f"{k}={v}" for k, v in fields.items()]) if config.get("arch") else s["model"],
             "model": s["model"],
             "arch": arch,
+            "family": s.get("family") or str(arch),  # summaries before the families: the arch
             "params": s.get("params"),
             "varying": " ".join(f"{k}={v}" for k, v in fields.items()),
             "seq_len": s["seq_len"],
@@ -345,6 +347,31 @@ def collapse_metrics(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def family_collapse(rows: list[dict], tolerance: float = 0.1) -> dict | None:
+    """Across families (the recall frontier): one line, log KL = a + b log(I_BP / dim z), through every
+    run with a state, whatever its architecture; its R², and per family the mean residual with its SE.
+    A family above the shared curve (its mean residual over 2 SE and over log(1 + tolerance): a KL
+    10% off, not noise of a few runs) does worse than its state's load predicts, one below it better.
+    None with fewer than two families or three runs, or one ratio only."""
+    runs = [r for r in rows if r["ratio"] is not None and r["kl"] > 0]
+    families = sorted({r["family"] for r in runs})
+    y, x = np.log([r["kl"] for r in runs]), np.log([r["ratio"] for r in runs])
+    if len(families) < 2 or len(runs) < 3 or np.ptp(x) == 0:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    by_family = {}
+    for family in families:
+        mine = residual[[r["family"] == family for r in runs]]
+        se = float(np.std(mine, ddof=1) / np.sqrt(mine.size)) if mine.size > 1 else None
+        mean = float(mine.mean())
+        off = se is not None and abs(mean) > max(2 * se, np.log1p(tolerance))
+        side = None if se is None else ("above" if mean > 0 else "below") if off else "on"
+        by_family[family] = {"runs": int(mine.size), "mean_residual": mean, "residual_se": se, "side": side}
+    return {"runs": len(runs), "families": len(families), "r2": _r_squared(y, x), "slope": float(slope),
+            "intercept": float(intercept), "by_family": by_family}
+
+
 def _collapse_note(metrics: dict) -> str:
     return f" — {metrics['why_none']}" if metrics.get("why_none") else ""
 
@@ -406,6 +433,88 @@ def series_styles(rows: list[dict]) -> dict[str, dict]:
     markers = "osD^vP*Xh<>"
     return {series: {"color": f"C{i % 10}", "marker": markers[i % len(markers)]}
             for i, series in enumerate(sorted({r["series"] for r in rows}))}
+
+
+def family_styles(rows: list[dict]) -> dict[str, dict]:
+    """One colour and marker per architecture family, from palettes the series' colours (C0-C9) do not
+    use: a colour means one thing in every figure of a report."""
+    from matplotlib import colormaps
+
+    colours = [*colormaps["Dark2"].colors, *colormaps["Set1"].colors[3:]]
+    markers = "osD^vP*Xh<>"
+    return {family: {"color": colours[i % len(colours)], "marker": markers[i % len(markers)]}
+            for i, family in enumerate(sorted({r["family"] for r in rows}))}
+
+
+def plot_recall_frontier(rows: list[dict], path: Path, across: dict | None) -> Path | None:
+    """The recall/state frontier (the Based paper's): answer accuracy and answer KL against the history
+    state dim(z) per family, one line per number of pairs P through the family's sizes, with the chance
+    level 1/P; and both against I_BP / dim(z), where families limited by their state fall on one curve
+    (`across`, family_collapse). None where no run has answers."""
+    answered = [r for r in rows if r.get("answer_accuracy") is not None and r["dim_z"]]
+    if not answered:
+        return None
+    fig = Figure(figsize=(12, 9))
+    (acc_state, acc_ratio), (kl_state, kl_ratio) = fig.subplots(2, 2)
+    pairs = sorted({_pairs(r) for r in answered}, key=lambda p: p or 0)
+    dashes = ("-", "--", "-.", ":")
+    for family, style in family_styles(answered).items():
+        runs = [r for r in answered if r["family"] == family]
+        for p in pairs:
+            line = sorted((r for r in runs if _pairs(r) == p), key=lambda r: r["dim_z"])
+            ls = dashes[pairs.index(p) % len(dashes)]
+            named = dict(label=family) if p == pairs[-1] else {}  # the family named once
+            for ax, key in ((acc_state, "answer_accuracy"), (kl_state, "kl")):
+                ax.plot([r["dim_z"] for r in line], [r[key] for r in line], ls=ls, lw=1, ms=5, **style, **named)
+        for ax, key in ((acc_ratio, "answer_accuracy"), (kl_ratio, "kl")):
+            with_ratio = [r for r in runs if r["ratio"] is not None]
+            ax.plot([r["ratio"] for r in with_ratio], [r[key] for r in with_ratio], ls="none", ms=5, **style, label=family)
+    for p in [p for p in pairs if p]:
+        for ax in (acc_state, acc_ratio):
+            ax.axhline(1 / p, color="gray", lw=0.8, ls=dashes[pairs.index(p) % len(dashes)], label=f"chance 1/P, P={p}")
+    if across is not None:
+        xs = np.geomspace(min(r["ratio"] for r in answered if r["ratio"]), max(r["ratio"] for r in answered if r["ratio"]), 50)
+        kl_ratio.plot(xs, np.exp(across["intercept"]) * xs ** across["slope"], color="k", lw=1,
+                      label=f"one curve for all families: R² {format_number(across['r2'])}")
+    p_note = f"; line style: P = {', '.join(map(str, pairs))} pairs" if len(pairs) > 1 else ""  # None: not recall
+    acc_state.set_title(f"recall/state frontier{p_note}", fontsize=9)
+    kl_ratio.set_title(_frontier_title(across), fontsize=8)
+    split = split_label(answered)
+    for ax in (acc_state, kl_state):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"history state dim($z$) at {split} (scalars)")
+    for ax in (acc_ratio, kl_ratio):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"$I_{{BP}}$ / dim($z$) at {split} (nats per scalar)")
+    for ax in (acc_state, acc_ratio):
+        ax.set_ylabel("answer accuracy (top-1)")
+        ax.set_ylim(0, 1.02)
+    for ax in (kl_state, kl_ratio):
+        ax.set_ylabel("KL per answer token (nats)")
+        if all(r["kl"] > 0 for r in answered):
+            ax.set_yscale("log")
+    for ax in (acc_state, acc_ratio, kl_state, kl_ratio):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"associative recall: {len(answered)} configurations in {len(family_styles(answered))} families")
+    fig.tight_layout()
+    readable_log_ticks(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _pairs(row: dict) -> int | None:
+    """P, the pairs of an associative-recall run, from its chance level 1/P."""
+    return round(1 / row["answer_chance"]) if row.get("answer_chance") else None
+
+
+def _frontier_title(across: dict | None) -> str:
+    if across is None:
+        return "no curve across families (needs two families and three runs with a state)"
+    sides = {side: [f for f, m in across["by_family"].items() if m["side"] == side] for side in ("above", "below")}
+    said = "; ".join(f"{side}: {', '.join(names)}" for side, names in sides.items() if names)
+    return (f"one curve through all families: R² {format_number(across['r2'])}, slope {format_number(across['slope'])}"
+            + (f"\n{said}" if said else "\nevery family on it (within 2 SE)"))
 
 
 def plot_sweep(rows: list[dict], path: Path, state: str = "ssm", collapse: dict | None = None,
@@ -583,8 +692,20 @@ def unfinished_lines(records: list[RunRecord]) -> list[str]:
     ]
 
 
+def across_lines(across: dict | None) -> list[str]:
+    """The collapse across families as a markdown table, each family's place against the shared curve."""
+    if across is None:
+        return ["No curve across families: it needs two families and three runs with a state."]
+    lines = [f"log KL = {format_number(across['intercept'])} + {format_number(across['slope'])} log(I_BP/dim z) through "
+             f"{across['runs']} runs of {across['families']} families: R² {format_number(across['r2'])}.", "",
+             "| family | runs | mean residual (log KL) | ± SE | against the curve |", "|---|---|---|---|---|"]
+    lines += [f"| {family} | {m['runs']} | {format_number(m['mean_residual'])} | {format_number(m['residual_se'])} | "
+              f"{m['side'] or '- (one run)'} |" for family, m in across["by_family"].items()]
+    return lines
+
+
 def write_report(rows: list[dict], records: list[RunRecord], collapse: dict, figures: dict[str, Path],
-                 path: Path, state: str) -> None:
+                 path: Path, state: str, across: dict | None = None) -> None:
     lines = ["# L²M sweep report", "",
              f"{len(records)} run directories; {len(rows)} rows (runs differing only in seed averaged); "
              f"dim(z) = {'SSM state / KV cache' if state == 'ssm' else 'whole history state'}, and I_BP, at "
@@ -595,13 +716,15 @@ def write_report(rows: list[dict], records: list[RunRecord], collapse: dict, fig
               "| architecture | runs | R² on log ratio | R² on log L | R² on both |", "|---|---|---|---|---|"]
     lines += [f"| {arch} | {m['runs']} | {format_number(m['r2_ratio'])} | {format_number(m['r2_length'])} | "
               f"{format_number(m['r2_joint'])}{_collapse_note(m)} |" for arch, m in collapse.items()]
+    lines += ["", "## One curve across families (log KL against log I_BP/dim(z))", "", *across_lines(across)]
     unfinished = unfinished_lines(records)
     if unfinished:
         lines += ["", "## Crashed or unfinished runs", "", *unfinished]
     path.write_text("\n".join(lines) + "\n")
 
 
-def print_table(rows: list[dict], skipped: int, records: list[RunRecord], collapse: dict, paths: dict[str, Path]) -> None:
+def print_table(rows: list[dict], skipped: int, records: list[RunRecord], collapse: dict, paths: dict[str, Path],
+                across: dict | None = None) -> None:
     """The report's table in plain text (markdown): every column, never truncated."""
     print("L²M sweep (nats; KL per token)")
     print(markdown_table(rows))
@@ -609,6 +732,9 @@ def print_table(rows: list[dict], skipped: int, records: list[RunRecord], collap
         print(f"collapse {arch}: R² on log ratio {format_number(m['r2_ratio'])}, on log L "
               f"{format_number(m['r2_length'])}, on both {format_number(m['r2_joint'])} ({m['runs']} runs)"
               f"{_collapse_note(m)}")
+    if across is not None:
+        places = ", ".join(f"{family} {m['side'] or '-'}" for family, m in across["by_family"].items())
+        print(f"across families: R² on log ratio {format_number(across['r2'])} ({across['runs']} runs); {places}")
     if skipped:
         print(f"skipped {skipped} summaries without I_BP, KL or history-state parts (e.g. text runs)")
     for line in unfinished_lines(records):

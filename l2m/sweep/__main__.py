@@ -11,9 +11,11 @@ from l2m.checks import UserError, one_line_errors
 from l2m.report.sweep import (
     best_rows,
     collapse_metrics,
+    family_collapse,
     find_runs,
     plot_learning_curves,
     plot_overlays,
+    plot_recall_frontier,
     plot_sweep,
     print_table,
     sweep_rows,
@@ -49,7 +51,7 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     rows = best_rows(every_row)  # sweep.csv keeps every run of an lr grid; the table and figures, its best
-    collapse = collapse_metrics(rows)
+    collapse, across = collapse_metrics(rows), family_collapse(rows)
     paths = {"csv": out / "sweep.csv", "plot": out / "sweep.png", "report": out / "report.md"}
     write_csv(every_row, paths["csv"])
     plot_sweep(rows, paths["plot"], args.state, collapse, window_references(rows))
@@ -58,8 +60,11 @@ def _report(args: argparse.Namespace) -> int:
     curves = plot_learning_curves(rows, out / "learning_curves.png")
     if curves is not None:
         figures["learning curves"] = curves
-    write_report(rows, records, collapse, figures, paths["report"], args.state)
-    print_table(rows, skipped, records, collapse, paths)
+    frontier = plot_recall_frontier(rows, out / "recall_frontier.png", across)
+    if frontier is not None:
+        figures["recall frontier"] = paths["frontier"] = frontier
+    write_report(rows, records, collapse, figures, paths["report"], args.state, across)
+    print_table(rows, skipped, records, collapse, paths, across)
     return 0
 
 
