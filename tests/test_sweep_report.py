@@ -109,7 +109,8 @@ def make_run(root: Path, name: str, model: dict, summary: dict, seed: int = 0, l
     run_dir.mkdir(parents=True)
     data = data or {"levels": levels, "copies": copies, "kind": "subvolume", "seed": 0}
     config = {"model": model, "data": data, "seed": seed, "run_dir": str(run_dir), "optim": optim or {"lr": 3e-3},
-              "callbacks": {"checkpoint": {"dirpath": f"{run_dir}/checkpoints"}}}  # as train.py resolves it
+              "callbacks": {"checkpoint": {"dirpath": f"{run_dir}/checkpoints"}},  # as train.py resolves it
+              "logger": {"wandb": {"name": name, "group": root.name, "project": "l2m"}}}  # named by its overrides
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     base = {"model": model.get("name", model["arch"]), "seq_len": 4**levels, "step": 100, "params": 1000,
             "dim_z_half": summary["dim_z"], "dim_z_half_bound": summary["dim_z"], "i_bp_half": 10.0}

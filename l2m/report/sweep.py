@@ -55,6 +55,9 @@ SEED_KEYS = ("seed", "data.seed")
 # Settings of an lr grid under one configuration: the report keeps each grid's best run (lowest KL).
 GRID_KEYS = ("optim.lr",)
 NOT_CONFIG = ("run_dir", "ckpt_path")
+# Subtrees that do not change what a run computes: where and under which name it is logged (a W&B
+# run is named by its overrides, lr included).
+NOT_CONFIG_TREES = ("logger.",)
 WINDOWS = (0, 1, 4, 16)  # exact references drawn in the figures (0: no context)
 
 
@@ -251,7 +254,8 @@ def _seedless(record: RunRecord, also: tuple[str, ...] = ()) -> str:
     flat = _flatten(record.config)
     ignored = SEED_KEYS + NOT_CONFIG + also
     here = str(flat.get("run_dir") or record.run_dir)  # paths inside the run's own directory (loggers, callbacks)
-    return json.dumps({k: v for k, v in flat.items() if k not in ignored and not str(v).startswith(here)},
+    return json.dumps({k: v for k, v in flat.items()
+                       if k not in ignored and not k.startswith(NOT_CONFIG_TREES) and not str(v).startswith(here)},
                       sort_keys=True, default=str)
 
 
