@@ -98,6 +98,7 @@ def test_a_hybrids_pattern_and_mixer_options_are_overrides(compose_train):
     assert mixers == ["Mamba", "CausalSelfAttention", "CausalSelfAttention", "Mamba2"]
     assert model.backbone.layers[0].mixer.config.d_state == 4 and model.backbone.layers[1].mixer.window == 8
     assert model.receptive_field is None and model.backbone.layers[2].mixer.n_head == 4
+    assert model.family == "hybrid mamba+swa+mamba2"  # each layer's family once, in the pattern's order
 
 
 def train_py(*overrides: str) -> subprocess.CompletedProcess:

@@ -77,8 +77,8 @@ class HybridConfig(MixerConfig):
 
     @property
     def family(self) -> str:
-        """"hybrid" and its pattern's families, e.g. "hybrid mamba2+swa"."""
-        return "hybrid " + "+".join(config.family for config in self.layer_configs()[:len(self.layers)])
+        """"hybrid" and its layers' families, each once, e.g. "hybrid mamba2+swa" for [mamba2, mamba2, swa]."""
+        return "hybrid " + "+".join(dict.fromkeys(config.family for config in self.layer_configs()))
 
     def layer_configs(self) -> list[MixerConfig]:
         """One checked config per layer: its mixer's options, with d_model and n_layer of the stack."""

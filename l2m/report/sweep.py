@@ -462,7 +462,8 @@ def plot_recall_frontier(rows: list[dict], path: Path, across: dict | None) -> P
     (acc_state, acc_ratio), (kl_state, kl_ratio) = fig.subplots(2, 2)
     pairs = sorted({_pairs(r) for r in answered}, key=lambda p: p or 0)
     dashes = ("-", "--", "-.", ":")
-    for family, style in family_styles(answered).items():
+    styles = family_styles(answered)
+    for family, style in styles.items():
         runs = [r for r in answered if r["family"] == family]
         for p in pairs:
             line = sorted((r for r in runs if _pairs(r) == p), key=lambda r: r["dim_z"])
@@ -477,7 +478,8 @@ def plot_recall_frontier(rows: list[dict], path: Path, across: dict | None) -> P
         for ax in (acc_state, acc_ratio):
             ax.axhline(1 / p, color="gray", lw=0.8, ls=dashes[pairs.index(p) % len(dashes)], label=f"chance 1/P, P={p}")
     if across is not None:
-        xs = np.geomspace(min(r["ratio"] for r in answered if r["ratio"]), max(r["ratio"] for r in answered if r["ratio"]), 50)
+        ratios = [r["ratio"] for r in answered if r["ratio"]]
+        xs = np.geomspace(min(ratios), max(ratios), 50)
         kl_ratio.plot(xs, np.exp(across["intercept"]) * xs ** across["slope"], color="k", lw=1,
                       label=f"one curve for all families: R² {format_number(across['r2'])}")
     p_note = f"; line style: P = {', '.join(map(str, pairs))} pairs" if len(pairs) > 1 else ""  # None: not recall
@@ -500,7 +502,7 @@ def plot_recall_frontier(rows: list[dict], path: Path, across: dict | None) -> P
     for ax in (acc_state, acc_ratio, kl_state, kl_ratio):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"associative recall: {len(answered)} configurations in {len(family_styles(answered))} families")
+    fig.suptitle(f"associative recall: {len(answered)} configurations in {len(styles)} families")
     fig.tight_layout()
     readable_log_ticks(fig)
     fig.savefig(path, dpi=110)
