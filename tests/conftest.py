@@ -57,7 +57,7 @@ def run_if(
 ):
     """Skip unless the machine has what the test needs, saying what is missing (Lightning's RunIf):
     cuda: a CUDA device; kernels: these l2m.models.kernels are importable; missing_kernels: they
-    are not (tests of the error shown where they are missing); compiled: Mamba's compiled CPU
+    are not (tests of the error shown where they are missing); compiled: the compiled CPU
     loops build here."""
     import torch
 
@@ -66,7 +66,7 @@ def run_if(
 
     reasons = []
     if compiled and not compiled_available():
-        reasons.append("needs Mamba's compiled CPU loops, which need a C++ compiler (g++)")
+        reasons.append("needs the compiled CPU loops, which need a C++ compiler (g++)")
     if cuda and not torch.cuda.is_available():
         reasons.append("needs a CUDA device")
     if kernels and not kernels_available(*kernels):

@@ -1,6 +1,7 @@
-"""Mamba-1's compiled CPU loops: the scan's values and gradients against the sequential reference
-(float64 to rounding, float32 with decays far past float range), the conv's against torch's,
-threads, the mixer's backends, the build and what a user sees where it cannot be built."""
+"""The compiled CPU loops: Mamba-1's scan's values and gradients against the sequential reference
+(float64 to rounding, float32 with decays far past float range), the conv's against torch's, the
+recurrence of linear attention and the delta rule against their chunked forms, threads, the mixers'
+backends, the build and what a user sees where it cannot be built."""
 
 import os
 import subprocess
@@ -15,11 +16,15 @@ from l2m.models.compiled import (
     CompileError,
     build,
     compiled_causal_conv1d_silu,
+    compiled_recurrence,
     compiled_selective_scan,
     compiler,
     library_path,
 )
+from l2m.models import build_model, model_config
+from l2m.models.deltanet import delta_rule_chunked
 from l2m.models.kernels import causal_conv1d
+from l2m.models.linear_attention import linear_attention_chunked
 from l2m.models.mamba import Mamba, MambaConfig
 from l2m.models.selective_scan import selective_scan_ref
 
@@ -163,7 +168,7 @@ except ValueError as err:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     message = (
-        "Mamba: backend='compiled' needs Mamba's compiled CPU loops, which are not available (L2M_COMPILED=0 "
+        "Mamba: backend='compiled' needs the compiled CPU loops, which are not available (L2M_COMPILED=0 "
         "turns it off): install a C++ compiler (g++), or set backend='torch' (or 'auto')"
     )
     assert result.stdout.strip() == message
@@ -191,3 +196,107 @@ def test_compiled_conv_equals_torch_conv_and_silu_in_float64(d, l):
         results.append([y, *torch.autograd.grad(y, [xz, conv.weight, conv.bias], g)])
     for name, a, e in zip(["y", "dx", "dweight", "dbias"], *results):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+# --- linear attention and the delta rule ---------------------------------------------------------
+
+RECURRENCES = ["linear attention", "retnet", "gla", "deltanet", "gated deltanet"]
+
+
+def recurrence_inputs(kind, b, l, h, dk, dv, dtype, seed=0):
+    """q, k, v, beta, log_decay, h0 as the mixers give them (keys unit-norm for the delta rule)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    delta = "deltanet" in kind
+    k = F.normalize(r(b, l, h, dk), dim=-1) if delta else r(b, l, h, dk)
+    beta = torch.rand(b, l, h, generator=g, dtype=dtype) if delta else None
+    log_decay = {"retnet": -torch.rand(b, l, h, 1, generator=g, dtype=dtype) * 0.1,
+                 "gla": F.logsigmoid(r(b, l, h, dk)) / 4,
+                 "gated deltanet": -torch.rand(b, l, h, generator=g, dtype=dtype)}.get(kind)
+    return dict(q=r(b, l, h, dk), k=k, v=r(b, l, h, dv), beta=beta, log_decay=log_decay, h0=r(b, h, dk, dv))
+
+
+def chunked(q, k, v, beta, log_decay, h0):
+    """The torch path: linear_attention_chunked, or delta_rule_chunked where there is a beta."""
+    if beta is not None:
+        return delta_rule_chunked(q, k, v, beta, torch.zeros_like(beta) if log_decay is None else log_decay, 8, h0)
+    no_decay = q.new_zeros(*q.shape[:3], 1)
+    return linear_attention_chunked(q, k, v, no_decay if log_decay is None else log_decay, 8, h0)
+
+
+def recurrence_values_and_grads(run, inputs, seed=1):
+    """o, the last state, and the gradient of a random projection of both for every input given."""
+    given = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    o, last = run(**{**inputs, **given})
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in (o, last))
+    return [o, last, *torch.autograd.grad(loss, list(given.values()))], ["o", "last", *given]
+
+
+@pytest.mark.parametrize("kind", RECURRENCES)
+@pytest.mark.parametrize(
+    "b, l, h, dk, dv",
+    [
+        (2, 300, 3, 5, 21),  # a full block of value channels and a partial one; segments of 128 steps and a partial one
+        (1, 1, 2, 16, 16),  # one step
+    ],
+)
+def test_compiled_recurrence_equals_the_chunked_form_in_float64(kind, b, l, h, dk, dv):
+    inputs = recurrence_inputs(kind, b, l, h, dk, dv, torch.float64)
+    ours, names = recurrence_values_and_grads(lambda h0, **rest: compiled_recurrence(**rest, initial_state=h0), inputs)
+    reference, _ = recurrence_values_and_grads(chunked, inputs)
+    for name, a, e in zip(names, ours, reference):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=lambda m: f"{kind}, {name}: {m}")
+
+
+@pytest.mark.parametrize("kind", RECURRENCES)
+def test_compiled_recurrence_in_float32_equals_float64_to_float_rounding(kind):
+    inputs = recurrence_inputs(kind, 2, 200, 2, 16, 16, torch.float64)
+    exact, names = recurrence_values_and_grads(lambda h0, **rest: compiled_recurrence(**rest, initial_state=h0), inputs)
+    single = {k: None if v is None else v.float() for k, v in inputs.items()}
+    ours, _ = recurrence_values_and_grads(lambda h0, **rest: compiled_recurrence(**rest, initial_state=h0), single)
+    for name, a, e in zip(names, ours, exact):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=2e-4, atol=2e-4, msg=lambda m: f"{kind}, {name}: {m}")
+
+
+def test_compiled_recurrence_names_an_input_of_the_wrong_shape():
+    inputs = recurrence_inputs("deltanet", 1, 4, 2, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"compiled_recurrence: beta has shape \(1, 4, 3\), expected \(1, 4, 2\)"):
+        compiled_recurrence(inputs["q"], inputs["k"], inputs["v"], beta=torch.rand(1, 4, 3))
+
+
+MIXERS = {  # the tests' small configs, a short convolution in each family
+    "linear-attention": dict(arch="linear_attention", d_conv=4),
+    "retnet": dict(arch="linear_attention", decay="fixed"),
+    "gla": dict(arch="linear_attention", decay="gated", d_conv=4),
+    "deltanet": dict(arch="deltanet"),
+    "gated-deltanet": dict(arch="deltanet", decay="gated", n_head=2, d_value=48),  # head_v 24: two blocks
+}
+
+
+def one_mixer(arch, **options):
+    config = {"n_layer": 1, "d_model": 32, "n_head": 4, "chunk_size": 16, **MIXERS[arch], **options}
+    return build_model(config, {"kind": "gaussian", "dim": 3}, max_seq_len=64).backbone.layers[0].mixer
+
+
+@pytest.mark.parametrize("arch", MIXERS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_mixers_on_the_compiled_loops_equal_the_torch_path_with_parameter_gradients(arch, dtype, tol):
+    torch.manual_seed(0)
+    torch_path, compiled = one_mixer(arch, backend="torch").to(dtype), one_mixer(arch, backend="compiled").to(dtype)
+    compiled.load_state_dict(torch_path.state_dict())
+    assert_same_training_pass(torch_path, compiled, torch.randn(3, 50, 32, dtype=dtype), out_tol=tol, grad_tol=tol)
+
+
+@pytest.mark.parametrize("arch", ["gla", "deltanet"])
+def test_auto_takes_the_compiled_recurrence_and_conv_on_a_cpu(arch):
+    from torch.profiler import ProfilerActivity, profile
+
+    mixer = one_mixer(arch, d_conv=4, backend="auto")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mixer(torch.randn(1, 8, 32))[0].sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"_CompiledRecurrence", "_CompiledRecurrenceBackward", "_CompiledConvSiLU", "_CompiledConvSiLUBackward"} <= names
+

@@ -398,12 +398,13 @@ void conv_backward(const Conv<T>& c, const T* dy, T* dx, T* dweight, T* dbias, i
   std::vector<std::vector<T>> dweights(threads, std::vector<T>(c.d * K)), dbiases(threads, std::vector<T>(c.d));
   parallel_items(items, threads, [&](int worker, int64_t begin, int64_t end) {
     std::vector<T> window(K * W), grads(K * W);  // grads: dL/d(pre-activation) of the last K steps, by t mod K
-    std::vector<T> dw_lanes(K * W);
+    std::vector<T> dw_storage(K * W);
+    T* __restrict dw_lanes = dw_storage.data();  // not aliased: the compiler keeps its sums out of the other buffers' way
     alignas(64) T acc[W], g[W], gate[W], grad[W], db_lanes[W];
     for (int64_t item = begin; item < end; ++item) {
       const auto block = c.lanes(item);
       std::fill(grads.begin(), grads.end(), T(0));
-      std::fill(dw_lanes.begin(), dw_lanes.end(), T(0));
+      std::fill(dw_lanes, dw_lanes + K * W, T(0));
       std::fill(db_lanes, db_lanes + W, T(0));
       int64_t slot = (c.l - 1) % K;  // step t + j sits in slot (slot + j) mod K (no division per step)
       for (int64_t t = c.l - 1; t >= 0; --t, slot = slot == 0 ? K - 1 : slot - 1) {
@@ -419,7 +420,7 @@ void conv_backward(const Conv<T>& c, const T* dy, T* dx, T* dweight, T* dbias, i
         std::copy(grad, grad + W, grads.data() + slot * W);
         for (int64_t k = 0; k < K; ++k) {
           const T* xk = window.data() + k * W;
-          T* dwk = dw_lanes.data() + k * W;
+          T* dwk = dw_lanes + k * W;
 #pragma omp simd
           for (int64_t w = 0; w < W; ++w) dwk[w] += grad[w] * xk[w];
         }
@@ -445,6 +446,230 @@ void conv_backward(const Conv<T>& c, const T* dy, T* dx, T* dweight, T* dbias, i
     add_into(dweight, dweights[worker]);
     add_into(dbias, dbiases[worker]);
   }
+}
+
+
+// Linear attention and the delta rule (linear_attention.py, deltanet.py) as one recurrence per
+// (batch, head), W value channels at a time: the columns of the state S (dk x dv) evolve independently
+// given the keys, so a block's state (dk x W) stays in cache, one SIMD lane per value channel:
+//
+//   S' = diag(a_t) S_{t-1},  a_t = exp(log_decay_t)        (a_t = 1 where log_decay is null)
+//   d_t = v_t                                               (linear attention: beta null)
+//   d_t = beta_t (v_t - S'^T k_t)                           (the delta rule)
+//   S_t = S' + k_t d_t^T,    o_t = S_t^T q_t
+//
+// Layouts (row-major, contiguous): q, k: (b, l, h, dk); log_decay: (b, l, h, decay_dim), decay_dim dk
+// (a decay per key channel) or 1 (one per head); v, o: (b, l, h, dv); beta: (b, l, h); h0, last and
+// their gradients: (b, h, dk, dv). The gradients of q, k, log_decay and beta are sums over
+// value channels: the caller zeroes them and each (batch, head), one work item, adds its blocks' parts.
+template <typename T>
+struct Recurrence {
+  const T *q, *k, *v, *beta, *log_decay, *h0;
+  int64_t b, l, h, dk, dv, decay_dim;
+
+  int64_t blocks() const { return (dv + W - 1) / W; }
+  int64_t segments() const { return (l + SEGMENT - 1) / SEGMENT; }
+  int64_t row(int64_t item, int64_t t) const { return (item / h * l + t) * h + item % h; }  // item = batch * h + head
+  int64_t width(int64_t c0) const { return std::min(W, dv - c0); }
+
+  void decays(int64_t item, int64_t t, T* decay) const {  // a_t (dk)
+    if (!log_decay) return std::fill(decay, decay + dk, T(1));
+    const T* g = log_decay + row(item, t) * decay_dim;
+    if (decay_dim == 1) return std::fill(decay, decay + dk, exp_vec(g[0]));
+#pragma omp simd
+    for (int64_t i = 0; i < dk; ++i) decay[i] = exp_vec(g[i]);
+  }
+
+  void initial_state(int64_t item, int64_t c0, T* S) const {
+    std::fill(S, S + dk * W, T(0));
+    if (h0)
+      for (int64_t i = 0; i < dk; ++i) to_lanes(h0 + (item * dk + i) * dv + c0, width(c0), S + i * W);
+  }
+
+  void final_state(int64_t item, int64_t c0, const T* S, T* out) const {
+    for (int64_t i = 0; i < dk; ++i) from_lanes(S + i * W, width(c0), out + (item * dk + i) * dv + c0);
+  }
+
+  // Steps t0..t1-1 of block c0 from S (dk x W, in place), writing o where given; for the backward's
+  // recomputation, each step's S_t (dk x W) into `states` and, for the delta rule, v_t - S'^T k_t (W)
+  // into `residuals`. decay: dk scalars of scratch.
+  void run(int64_t item, int64_t c0, int64_t t0, int64_t t1, T* S, T* o, T* states, T* residuals, T* decay) const {
+    alignas(64) T d[W], u[W], out[W];
+    for (int64_t t = t0; t < t1; ++t) {
+      const T *qt = q + row(item, t) * dk, *kt = k + row(item, t) * dk;
+      decays(item, t, decay);
+      to_lanes(v + row(item, t) * dv + c0, width(c0), d);
+      if (beta) {
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) u[w] = 0;
+        for (int64_t i = 0; i < dk; ++i) {
+          T* Si = S + i * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) {
+            Si[w] *= decay[i];
+            u[w] += kt[i] * Si[w];
+          }
+        }
+        const T beta_t = beta[row(item, t)];
+        T* residual = residuals ? residuals + (t - t0) * W : u;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+          residual[w] = d[w] - u[w];
+          d[w] = beta_t * residual[w];
+        }
+      } else if (log_decay) {
+        for (int64_t i = 0; i < dk; ++i) {
+          T* Si = S + i * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) Si[w] *= decay[i];
+        }
+      }
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) out[w] = 0;
+      for (int64_t i = 0; i < dk; ++i) {
+        T* Si = S + i * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+          Si[w] += kt[i] * d[w];
+          out[w] += qt[i] * Si[w];
+        }
+      }
+      if (states) std::copy(S, S + dk * W, states + (t - t0) * dk * W);
+      if (o) from_lanes(out, width(c0), o + row(item, t) * dv + c0);
+    }
+  }
+
+  int64_t start_offset(int64_t item, int64_t block, int64_t segment) const {
+    return ((item * blocks() + block) * segments() + segment) * dk * W;
+  }
+};
+
+template <typename T>
+void recurrence_forward(const Recurrence<T>& r, T* o, T* last, T* starts, int threads) {
+  const int64_t items = r.b * r.h;
+  parallel_items(items, clamp_threads(threads, items), [&](int, int64_t begin, int64_t end) {
+    std::vector<T> S(r.dk * W), decay(r.dk);
+    for (int64_t item = begin; item < end; ++item) {
+      for (int64_t block = 0; block < r.blocks(); ++block) {
+        r.initial_state(item, block * W, S.data());
+        for (int64_t k = 0; k < r.segments(); ++k) {
+          if (starts) std::copy(S.begin(), S.end(), starts + r.start_offset(item, block, k));
+          r.run(item, block * W, k * SEGMENT, std::min(r.l, (k + 1) * SEGMENT), S.data(), o, nullptr, nullptr, decay.data());
+        }
+        if (last) r.final_state(item, block * W, S.data(), last);
+      }
+    }
+  });
+}
+
+template <typename T>
+inline T lane_sum(const T* x) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t w = 0; w < W; ++w) sum += x[w];
+  return sum;
+}
+
+// Reverse mode through the steps, with gS = dL/dS_t carried back; the states of a segment are
+// recomputed from its start, as the scan's backward does.
+template <typename T>
+void recurrence_backward(const Recurrence<T>& r, const T* starts, const T* dout, const T* dlast, T* dq, T* dk,
+                         T* dv, T* dbeta, T* dlog_decay, T* dh0, int threads) {
+  const int64_t items = r.b * r.h, n = r.dk, stride = n * W;
+  parallel_items(items, clamp_threads(threads, items), [&](int, int64_t begin, int64_t end) {
+    std::vector<T> gS(stride), states(SEGMENT * stride), residuals(SEGMENT * W), S(stride), decay(n);
+    alignas(64) T g_out[W], d[W], g_d[W], g_u[W], Sp[W], dv_t[W], prod[W], head_decay[W];
+    for (int64_t item = begin; item < end; ++item) {
+      for (int64_t block = 0; block < r.blocks(); ++block) {
+        const int64_t c0 = block * W, width = r.width(c0);
+        std::fill(gS.begin(), gS.end(), T(0));
+        if (dlast)
+          for (int64_t i = 0; i < n; ++i) to_lanes(dlast + (item * n + i) * r.dv + c0, width, gS.data() + i * W);
+        for (int64_t k = r.segments() - 1; k >= 0; --k) {
+          const int64_t t0 = k * SEGMENT, t1 = std::min(r.l, t0 + SEGMENT);
+          const T* start = starts + r.start_offset(item, block, k);
+          std::copy(start, start + stride, S.begin());
+          r.run(item, c0, t0, t1, S.data(), nullptr, states.data(), residuals.data(), decay.data());
+          for (int64_t t = t1 - 1; t >= t0; --t) {
+            const int64_t at = r.row(item, t);
+            const T *qt = r.q + at * n, *kt = r.k + at * n;
+            T *dqt = dq + at * n, *dkt = dk + at * n;
+            const T* before = t > t0 ? states.data() + (t - 1 - t0) * stride : start;
+            const T* now = states.data() + (t - t0) * stride;
+            const T* residual = residuals.data() + (t - t0) * W;
+            const T beta_t = r.beta ? r.beta[at] : T(1);
+            r.decays(item, t, decay.data());
+            to_lanes(dout + at * r.dv + c0, width, g_out);
+            if (r.beta) {
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) d[w] = beta_t * residual[w];
+            } else {
+              to_lanes(r.v + at * r.dv + c0, width, d);
+            }
+            // 1. o_t = S_t^T q_t
+            for (int64_t i = 0; i < n; ++i) {
+              T* gi = gS.data() + i * W;
+              const T* now_i = now + i * W;
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) {
+                prod[w] = g_out[w] * now_i[w];
+                gi[w] += qt[i] * g_out[w];
+              }
+              dqt[i] += lane_sum(prod);
+            }
+            // 2. S_t = S' + k_t d_t^T: dL/dd_t, then dL/du_t = -beta_t dL/dd_t for the delta rule
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) g_d[w] = 0;
+            for (int64_t i = 0; i < n; ++i) {
+              const T* gi = gS.data() + i * W;
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) g_d[w] += kt[i] * gi[w];
+            }
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) {
+              dv_t[w] = beta_t * g_d[w];
+              prod[w] = g_d[w] * residual[w];
+              g_u[w] = r.beta ? -beta_t * g_d[w] : T(0);
+            }
+            from_lanes(dv_t, width, dv + at * r.dv + c0);
+            if (r.beta) dbeta[at] += lane_sum(prod);
+            // 3. k_t's two uses, gS to dL/dS', and S' = diag(a_t) S_{t-1} (a decay per head: its
+            //    gradient summed over key channels in lanes, one lane sum a step)
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) head_decay[w] = 0;
+            for (int64_t i = 0; i < n; ++i) {
+              T* gi = gS.data() + i * W;
+              const T* before_i = before + i * W;
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) {
+                Sp[w] = decay[i] * before_i[w];
+                prod[w] = gi[w] * d[w] + g_u[w] * Sp[w];
+                gi[w] += kt[i] * g_u[w];
+              }
+              dkt[i] += lane_sum(prod);
+              if (r.log_decay && r.decay_dim == 1) {
+#pragma omp simd
+                for (int64_t w = 0; w < W; ++w) {
+                  head_decay[w] += gi[w] * Sp[w];
+                  gi[w] *= decay[i];
+                }
+              } else if (r.log_decay) {
+#pragma omp simd
+                for (int64_t w = 0; w < W; ++w) {
+                  prod[w] = gi[w] * Sp[w];
+                  gi[w] *= decay[i];
+                }
+                dlog_decay[at * n + i] += lane_sum(prod);
+              }
+            }
+            if (r.log_decay && r.decay_dim == 1) dlog_decay[at] += lane_sum(head_decay);
+          }
+        }
+        if (dh0)
+          for (int64_t i = 0; i < n; ++i) from_lanes(gS.data() + i * W, width, dh0 + (item * n + i) * r.dv + c0);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -476,6 +701,29 @@ extern "C" int64_t l2m_scan_saved_states(int64_t b, int64_t d, int64_t l, int64_
     backward(Scan<T>{u, dt, A, B, C, D, h0, b, d, l, n}, starts, dy, dlast, du, ddt, dA, dB, dC, dD, dh0,      \
              threads);                                                                                         \
   }
+
+extern "C" int64_t l2m_recurrence_saved_states(int64_t b, int64_t l, int64_t h, int64_t dk, int64_t dv) {
+  return b * h * ((dv + W - 1) / W) * ((l + SEGMENT - 1) / SEGMENT) * dk * W;
+}
+
+#define L2M_RECURRENCE_API(T, SUFFIX)                                                                          \
+  extern "C" void l2m_recurrence_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* beta,           \
+                                                  const T* log_decay, const T* h0, int64_t b, int64_t l,      \
+                                                  int64_t h, int64_t dk, int64_t dv, int64_t decay_dim, T* o,  \
+                                                  T* last, T* starts, int threads) {                           \
+    recurrence_forward(Recurrence<T>{q, k, v, beta, log_decay, h0, b, l, h, dk, dv, decay_dim}, o, last, starts, \
+                       threads);                                                                               \
+  }                                                                                                            \
+  extern "C" void l2m_recurrence_backward_##SUFFIX(                                                            \
+      const T* q, const T* k, const T* v, const T* beta, const T* log_decay, const T* h0, int64_t b, int64_t l, \
+      int64_t h, int64_t dk, int64_t dv, int64_t decay_dim, const T* starts, const T* dout, const T* dlast,     \
+      T* dq, T* dk_, T* dv_, T* dbeta, T* dlog_decay, T* dh0, int threads) {                                   \
+    recurrence_backward(Recurrence<T>{q, k, v, beta, log_decay, h0, b, l, h, dk, dv, decay_dim}, starts, dout,  \
+                        dlast, dq, dk_, dv_, dbeta, dlog_decay, dh0, threads);                                 \
+  }
+
+L2M_RECURRENCE_API(float, f32)
+L2M_RECURRENCE_API(double, f64)
 
 L2M_SCAN_API(float, f32)
 L2M_SCAN_API(double, f64)

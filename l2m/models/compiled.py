@@ -1,13 +1,16 @@
-"""Mamba-1's CPU path as compiled loops (``compiled.cpp``) with their own backward: the selective
-scan, and the causal depthwise convolution with its SiLU. ``backend="compiled"``; ``"auto"`` takes
-them on a CPU where they build.
+"""The CPU paths as compiled loops (``compiled.cpp``) with their own backward: Mamba-1's selective
+scan, the causal depthwise convolution with its SiLU (Mamba's, and the short convolution of linear
+attention and DeltaNet), and the recurrence of linear attention and the delta rule.
+``backend="compiled"``; ``"auto"`` takes them on a CPU where they build.
 
 ``compiled_selective_scan`` takes the arguments of ``l2m.models.selective_scan.selective_scan``
 (mamba-ssm's ``selective_scan_fn`` layout) and gives its results;
 ``compiled_selective_scan_channels_last`` is the same with channels last, as the mixer calls it,
 like ``compiled_causal_conv1d_silu`` (no transposed copies). The loops step blocks of 16 channels
 through time, one SIMD lane each, with the states in cache, instead of materialising the
-(t, b, d, n) tensors that bound the parallel scan on a CPU.
+(t, b, d, n) tensors that bound the parallel scan on a CPU. ``compiled_recurrence`` steps linear
+attention and the delta rule the same way, W value channels of a head at a time, where the chunked
+matmul forms spend their time on (chunk x chunk) tensors of small heads.
 
 The library is built once per source, compiler and CPU with the system C++ compiler (``$CXX``,
 else g++ or c++) into ``$L2M_CACHE_DIR/compiled`` (default ``~/.cache/l2m/compiled``): by
@@ -115,10 +118,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         library = ctypes.CDLL(str(build()))
     except (CompileError, OSError) as err:  # OSError: a library that does not load
-        warnings.warn(f"l2m: Mamba's compiled CPU loops are not available ({err}); on a CPU it runs the pure-PyTorch "
-                      "scan, about 5x slower a step", stacklevel=2)
+        warnings.warn(f"l2m: the compiled CPU loops are not available ({err}); on a CPU Mamba, linear attention and "
+                      "DeltaNet run their pure-PyTorch paths, 2-5x slower a step", stacklevel=2)
         return None, str(err)
-    library.l2m_scan_saved_states.restype = ctypes.c_int64  # ctypes would read an int
+    for saved in (library.l2m_scan_saved_states, library.l2m_recurrence_saved_states):
+        saved.restype = ctypes.c_int64  # ctypes would read an int
     return library, ""
 
 
@@ -136,7 +140,7 @@ def require_compiled(who: str, backend: str) -> None:
     the entry points print it as one line)."""
     if backend == "compiled" and not compiled_available():
         raise UserError(
-            f"{who}: backend='compiled' needs Mamba's compiled CPU loops, which are not available ({_load()[1]}): "
+            f"{who}: backend='compiled' needs the compiled CPU loops, which are not available ({_load()[1]}): "
             "install a C++ compiler (g++), or set backend='torch' (or 'auto')"
         )
 
@@ -285,3 +289,72 @@ class _CompiledConvSiLU(torch.autograd.Function):
             _pointer(grad_y), _pointer(dx), _pointer(dweight), _pointer(dbias), ctypes.c_int(torch.get_num_threads()),
         )
         return dx, dweight.view(d, 1, K), dbias
+
+
+def compiled_recurrence(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | None = None, log_decay: Tensor | None = None,
+                        initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Linear attention (beta None) or the delta rule on the compiled loop, per head with a state S
+    (dk x dv): S' = diag(exp(log_decay_t)) S_{t-1}, d_t = v_t or beta_t (v_t - S'ᵀ k_t),
+    S_t = S' + k_t d_tᵀ, o_t = S_tᵀ q_t.
+
+    q, k: (b, l, h, dk); v: (b, l, h, dv); beta: (b, l, h); log_decay: (b, l, h, dk) per key channel,
+    or (b, l, h) / (b, l, h, 1) one per head, <= 0, None for no decay; initial_state: (b, h, dk, dv),
+    zeros where None. All in float32 or float64. Returns o (b, l, h, dv) and the state after the last
+    step (b, h, dk, dv)."""
+    if _library() is None:
+        raise CompileError(f"the compiled recurrence is not available: {_load()[1]}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the compiled recurrence computes in float32 or float64, got inputs in {q.dtype}")
+    if log_decay is not None and log_decay.dim() == 4 and log_decay.shape[-1] == 1:
+        log_decay = log_decay.squeeze(-1)  # one per head: the loop reads it so, one exp a step
+    return _CompiledRecurrence.apply(q, k, v, beta, log_decay, initial_state)
+
+
+def _recurrence_shape(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | None, log_decay: Tensor | None) -> tuple[int, ...]:
+    """b, l, h, dk, dv and the decays per head (dk, or 1 for one per head), checked against the inputs."""
+    b, l, h, dk = q.shape
+    decay_dim = 1 if log_decay is None or log_decay.dim() == 3 else log_decay.shape[-1]
+    wanted = {"k": (k, (b, l, h, dk)), "v": (v, (b, l, h, v.shape[-1])), "beta": (beta, (b, l, h)),
+              "log_decay": (log_decay, (b, l, h, dk) if decay_dim != 1 else (b, l, h))}
+    for name, (tensor, shape) in wanted.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"compiled_recurrence: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    return b, l, h, dk, v.shape[-1], decay_dim
+
+
+class _CompiledRecurrence(torch.autograd.Function):
+    """(q, k, v, beta, log_decay, h0) -> (o, last state); beta, log_decay and h0 may be None."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        inputs = [None if t is None else t.to(inputs[0].dtype).contiguous() for t in inputs]
+        q, v = inputs[0], inputs[2]
+        shape = _recurrence_shape(*inputs[:5])
+        library = _library()
+        o, last = v.new_empty(v.shape), v.new_empty(shape[0], shape[2], shape[3], shape[4])
+        starts = v.new_empty(library.l2m_recurrence_saved_states(*map(ctypes.c_int64, shape[:5])))
+        getattr(library, f"l2m_recurrence_forward_{DTYPES[q.dtype]}")(
+            *map(_pointer, inputs), *map(ctypes.c_int64, shape), _pointer(o), _pointer(last), _pointer(starts),
+            ctypes.c_int(torch.get_num_threads()),
+        )
+        ctx.set_materialize_grads(False)  # an unused final state needs no zeros carried back
+        ctx.save_for_backward(*inputs, starts)
+        return o, last
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_last):
+        *inputs, starts = ctx.saved_tensors
+        q, k, v, beta, log_decay, h0 = inputs
+        shape = _recurrence_shape(*inputs[:5])
+        dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_empty(v.shape)  # dq, dk: sums over blocks
+        dbeta = None if beta is None else beta.new_zeros(beta.shape)
+        dlog_decay = None if log_decay is None else log_decay.new_zeros(log_decay.shape)
+        dh0 = None if h0 is None else h0.new_empty(h0.shape)
+        grad_o = v.new_zeros(v.shape) if grad_o is None else grad_o.contiguous()  # held: the loop reads their memory
+        grad_last = None if grad_last is None else grad_last.contiguous()
+        getattr(_library(), f"l2m_recurrence_backward_{DTYPES[q.dtype]}")(
+            *map(_pointer, inputs), *map(ctypes.c_int64, shape), _pointer(starts), _pointer(grad_o), _pointer(grad_last),
+            *map(_pointer, (dq, dk, dv, dbeta, dlog_decay, dh0)), ctypes.c_int(torch.get_num_threads()),
+        )
+        return dq, dk, dv, dbeta, dlog_decay, dh0
+

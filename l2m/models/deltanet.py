@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2m.models.compiled import compiled_recurrence, require_compiled
 from l2m.models.config import MixerConfig
-from l2m.models.kernels import load_kernels, require_kernels, use_kernels
+from l2m.models.kernels import load_kernels, require_kernels
 from l2m.models.linear_attention import BACKENDS, QKVMixer, _chunks, _unchunk, check_heads
 
 DECAYS = ("none", "gated")
@@ -43,7 +44,7 @@ class DeltaNetConfig(MixerConfig):
     decay: str = "none"  # none (DeltaNet) | gated (Gated DeltaNet)
     d_conv: int = 4  # short causal convolution over q, k, v (both papers use one); 0: none
     chunk_size: int = 32  # block length of the chunked WY form (changes the result only by rounding)
-    backend: str = "auto"  # auto | torch | kernels (fla-core's chunk_delta_rule / chunk_gated_delta_rule on CUDA)
+    backend: str = "auto"  # auto | torch | compiled (CPU loops) | kernels (fla-core's chunk_delta_rule / chunk_gated_delta_rule on CUDA)
 
     @property
     def family(self) -> str:
@@ -59,6 +60,13 @@ class DeltaNetConfig(MixerConfig):
         self.choice("backend", BACKENDS)
         check_heads(self)
         require_kernels("DeltaNet", self.backend, self.kernels)
+        require_compiled("DeltaNet", self.backend)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / ||x|| over the last dim, as fla's l2norm: x · rsqrt(sum x² + eps) (1.4x faster a layer than
+    F.normalize's division on a CPU, forward and backward)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor, chunk_size: int,
@@ -126,6 +134,7 @@ class DeltaNet(QKVMixer):
     """DeltaNet or Gated DeltaNet by `decay`: (b, T, d_model) -> (b, T, d_model)."""
 
     config_class = DeltaNetConfig
+    who = "DeltaNet"
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx)
@@ -138,15 +147,15 @@ class DeltaNet(QKVMixer):
             for p in (self.A_log, self.dt_bias):
                 p._no_weight_decay = True
 
-    def _inputs(self, x: Tensor, conv_state: Tensor | None) -> tuple[Tensor, ...]:
+    def _inputs(self, x: Tensor, conv_state: Tensor | None, path: str) -> tuple[Tensor, ...]:
         """x (b, T, d_model) -> q, k (b, T, h, k), v (b, T, h, v), beta, log_decay (b, T, h) in at
         least float32, and the conv state after x."""
-        q, k, v, conv_state = self._qkv(x, conv_state)
+        q, k, v, conv_state = self._qkv(x, conv_state, path)
         if self.conv is None:  # the convolution applies the SiLU where there is one
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         f = torch.promote_types(x.dtype, torch.float32)
-        q = F.normalize(q.to(f), dim=-1) * self.head_k**-0.5
-        k = F.normalize(k.to(f), dim=-1)
+        q = l2_normalize(q.to(f)) * self.head_k**-0.5
+        k = l2_normalize(k.to(f))
         beta = torch.sigmoid(self.b_proj(x).to(f))
         if self.decay == "gated":
             log_decay = -self.A_log.to(f).exp() * F.softplus(self.a_proj(x).to(f) + self.dt_bias.to(f))
@@ -156,18 +165,21 @@ class DeltaNet(QKVMixer):
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple | None]:
         """x (b, T, d_model) -> (b, T, d_model); with a state (conv, recurrent), the state after x."""
-        q, k, v, beta, log_decay, conv_state = self._inputs(x, None if state is None else state[0])
+        path = self._path(x)
+        q, k, v, beta, log_decay, conv_state = self._inputs(x, None if state is None else state[0], path)
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in at least float32
             initial = None if state is None else state[1]
-            if use_kernels("DeltaNet", self.backend, self.kernels, x):
+            if path == "kernels":
                 o, final = delta_rule_kernel(q, k, v, beta, log_decay if self.decay == "gated" else None, initial)
+            elif path == "compiled":
+                o, final = compiled_recurrence(q, k, v, beta, log_decay if self.decay == "gated" else None, initial)
             else:
                 o, final = delta_rule_chunked(q, k, v, beta, log_decay, self.chunk_size, initial)
         return self._out(o, x), None if state is None else (conv_state, final)
 
     def step(self, x: Tensor, state: tuple) -> tuple[Tensor, tuple]:
         """One token through the recurrence: x (b, d_model) -> (b, d_model), the state after it."""
-        q, k, v, beta, log_decay, conv_state = self._inputs(x[:, None], state[0])
+        q, k, v, beta, log_decay, conv_state = self._inputs(x[:, None], state[0], "torch")
         o, new_state = delta_rule_step(state[1], q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_decay[:, 0])
         return self._out(o, x), (conv_state, new_state.to(state[1].dtype))
 

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import UserError
+from l2m.models.compiled import compiled_causal_conv1d_silu, compiled_recurrence, require_compiled, use_compiled
 from l2m.models.config import MixerConfig
 from l2m.models.kernels import causal_conv1d, causal_conv1d_carry, load_kernels, require_kernels, use_kernels
 
 DECAYS = ("none", "fixed", "gated")
-BACKENDS = ("auto", "torch", "kernels")  # kernels: fla-core's Triton ops (l2m.models.kernels)
+BACKENDS = ("auto", "torch", "compiled", "kernels")  # compiled: the CPU loops of l2m.models.compiled; kernels: fla-core's Triton ops
 
 
 def check_heads(config: MixerConfig) -> None:
@@ -58,7 +59,7 @@ class LinearAttentionConfig(MixerConfig):
     gate_normalizer: float = 16.0  # decay=gated: α = sigmoid(.)^(1/τ), τ this (GLA's 16)
     d_conv: int = 0  # short causal convolution over q, k, v (fla's use_short_conv); 0: none
     chunk_size: int = 32  # block length of the chunked form (changes the result only by rounding)
-    backend: str = "auto"  # auto | torch | kernels (fla-core's chunk_gla / chunk_simple_gla on CUDA)
+    backend: str = "auto"  # auto | torch | compiled (CPU loops) | kernels (fla-core's chunk_gla / chunk_simple_gla on CUDA)
 
     @property
     def family(self) -> str:
@@ -80,6 +81,7 @@ class LinearAttentionConfig(MixerConfig):
                 raise UserError(f"model fixed_decays must hold n_head={self.n_head} decays in (0, 1] (1: none), "
                                 f"got {self.fixed_decays!r}; null gives RetNet's 1 - 2^(-5-h)")
         require_kernels("linear attention", self.backend, self.kernels)
+        require_compiled("linear attention", self.backend)
 
 
 def _chunks(x: Tensor, Q: int) -> Tensor:
@@ -198,8 +200,11 @@ class ShortConvolution(nn.Module):
         self.d_conv = d_conv
         self.conv1d = nn.Conv1d(channels, channels, d_conv, groups=channels, padding=d_conv - 1, bias=False)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """x (b, T, channels) -> (b, T, channels); with a state, the state after x."""
+    def forward(self, x: Tensor, state: Tensor | None = None, compiled: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (b, T, channels) -> (b, T, channels); with a state, the state after x. compiled: Mamba's fused
+        CPU loop (no state)."""
+        if state is None and compiled:
+            return compiled_causal_conv1d_silu(x, self.conv1d.weight, None), None
         if state is None:
             return F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d).transpose(1, 2)), None
         y, state = causal_conv1d_carry(x.transpose(1, 2), self.conv1d, state)
@@ -223,7 +228,10 @@ class GatedHeadNorm(nn.Module):
 
 class QKVMixer(nn.Module):
     """What linear attention and DeltaNet share: projections to q, k, v and the output gate, the
-    optional short convolution over [q, k, v], and the gated per-head norm and out_proj at the end."""
+    optional short convolution over [q, k, v], the gated per-head norm and out_proj at the end, and
+    the choice of path."""
+
+    who: str  # the mixer's name in messages
 
     def __init__(self, config: MixerConfig, layer_idx: int | None = None):
         super().__init__()
@@ -245,11 +253,19 @@ class QKVMixer(nn.Module):
         return (f"n_head={self.n_head}, d_key={self.d_key}, d_value={self.d_value}, decay={self.decay!r}, "
                 f"backend={self.backend!r}")
 
-    def _qkv(self, x: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _path(self, x: Tensor) -> str:
+        """Where this input runs: "kernels" (fla-core's, CUDA), "compiled" (the CPU loops) or "torch"."""
+        if use_kernels(self.who, self.backend, self.kernels, x):
+            return "kernels"
+        return "compiled" if use_compiled(self.who, self.backend, x) else "torch"
+
+    def _qkv(self, x: Tensor, conv_state: Tensor | None, path: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """x (b, T, d_model) -> q, k (b, T, h, k), v (b, T, h, v), the conv state after x."""
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (b, T, 2 d_key + d_value)
+        # one matmul on the three weights (a small copy) instead of a copy of three outputs
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (2 d_key + d_value, d_model)
+        qkv = F.linear(x, weight)  # (b, T, 2 d_key + d_value)
         if self.conv is not None:
-            qkv, conv_state = self.conv(qkv, conv_state)
+            qkv, conv_state = self.conv(qkv, conv_state, compiled=path == "compiled")
         q, k, v = qkv.split([self.d_key, self.d_key, self.d_value], dim=-1)
         return (q.unflatten(-1, (self.n_head, self.head_k)), k.unflatten(-1, (self.n_head, self.head_k)),
                 v.unflatten(-1, (self.n_head, self.head_v)), conv_state)
@@ -278,6 +294,7 @@ class LinearAttention(QKVMixer):
     """Linear attention, RetNet or GLA by `decay`: (b, T, d_model) -> (b, T, d_model)."""
 
     config_class = LinearAttentionConfig
+    who = "linear attention"
 
     def __init__(self, config: LinearAttentionConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx)
@@ -307,21 +324,25 @@ class LinearAttention(QKVMixer):
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple | None]:
         """x (b, T, d_model) -> (b, T, d_model); with a state (conv, recurrent), the state after x."""
-        q, k, v, conv_state = self._qkv(x, None if state is None else state[0])
+        path = self._path(x)
+        q, k, v, conv_state = self._qkv(x, None if state is None else state[0], path)
         q, k = self._feature_maps(q, k)
         f = torch.promote_types(x.dtype, torch.float32)
         inputs = (q.to(f), k.to(f), v.to(f), self._log_decay(x, f))
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in at least float32
             initial = None if state is None else state[1]
-            if use_kernels("linear attention", self.backend, self.kernels, x):
+            if path == "kernels":
                 o, final = linear_attention_kernel(*inputs, initial)
+            elif path == "compiled":
+                o, final = compiled_recurrence(*inputs[:3], log_decay=None if self.decay == "none" else inputs[3],
+                                               initial_state=initial)
             else:
                 o, final = linear_attention_chunked(*inputs, self.chunk_size, initial)
         return self._out(o, x), None if state is None else (conv_state, final)
 
     def step(self, x: Tensor, state: tuple) -> tuple[Tensor, tuple]:
         """One token through the recurrence: x (b, d_model) -> (b, d_model), the state after it."""
-        q, k, v, conv_state = self._qkv(x[:, None], state[0])
+        q, k, v, conv_state = self._qkv(x[:, None], state[0], "torch")
         q, k = self._feature_maps(q[:, 0], k[:, 0])
         f = state[1].dtype
         o, new_state = linear_attention_step(state[1], q.to(f), k.to(f), v[:, 0].to(f), self._log_decay(x[:, None], f)[:, 0])
