@@ -18,6 +18,7 @@ from l2m.models.compiled import (
     compiled_causal_conv1d_silu,
     compiled_recurrence,
     compiled_selective_scan,
+    compiled_ssd,
     compiler,
     library_path,
 )
@@ -25,7 +26,9 @@ from l2m.models import build_model, model_config
 from l2m.models.deltanet import delta_rule_chunked
 from l2m.models.kernels import causal_conv1d
 from l2m.models.linear_attention import linear_attention_chunked
+from l2m.models.ssd import ssd_chunked
 from l2m.models.mamba import Mamba, MambaConfig
+from l2m.models.mamba2 import Mamba2, Mamba2Config
 from l2m.models.selective_scan import selective_scan_ref
 
 pytestmark = run_if(compiled=True)
@@ -156,6 +159,7 @@ def test_without_the_compiled_loop_auto_falls_back_and_compiled_says_what_to_do(
 import torch
 from l2m.models.compiled import compiled_available
 from l2m.models.mamba import Mamba, MambaConfig
+from l2m.models.mamba2 import Mamba2, Mamba2Config
 assert not compiled_available()
 torch.manual_seed(0)
 Mamba(MambaConfig(n_layer=1, d_model=16, backend="auto"))(torch.randn(1, 8, 16))  # the torch path runs
@@ -300,3 +304,41 @@ def test_auto_takes_the_compiled_recurrence_and_conv_on_a_cpu(arch):
     names = {event.key for event in prof.key_averages()}
     assert {"_CompiledRecurrence", "_CompiledRecurrenceBackward", "_CompiledConvSiLU", "_CompiledConvSiLUBackward"} <= names
 
+
+# --- Mamba2: the SSD scan as the same recurrence --------------------------------------------------
+
+def test_compiled_ssd_equals_the_chunked_ssd_in_float64():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    b, T, h, p, groups, n = 2, 150, 4, 20, 2, 6  # two heads per group; 20 channels: a block and a partial one
+    inputs = dict(x=r(b, T, h, p), dt=F.softplus(r(b, T, h)), A=-torch.rand(h, generator=g, dtype=torch.float64) * 4,
+                  B=r(b, T, groups, n), C=r(b, T, groups, n), D=r(h), initial_state=r(b, h, p, n))
+    results = []
+    for scan in (compiled_ssd, lambda **a: ssd_chunked(**a, chunk_size=16, return_final_state=True)):
+        given = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y, last = scan(**given)
+        seeded = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=seeded, dtype=t.dtype)).sum() for t in (y, last))
+        results.append([y, last, *torch.autograd.grad(loss, list(given.values()))])
+    for name, a, e in zip(["y", "last", *inputs], *results):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_mamba2_on_the_compiled_loops_equals_the_torch_path_with_parameter_gradients(dtype, tol):
+    torch.manual_seed(0)
+    config = dict(n_layer=1, d_model=32, d_state=8, headdim=32, ngroups=2, chunk_size=16)  # 2 heads of two blocks
+    torch_path = Mamba2(Mamba2Config(**config, backend="torch")).to(dtype)
+    compiled = Mamba2(Mamba2Config(**config, backend="compiled")).to(dtype)
+    compiled.load_state_dict(torch_path.state_dict())
+    assert_same_training_pass(torch_path, compiled, torch.randn(3, 50, 32, dtype=dtype), out_tol=tol, grad_tol=tol)
+
+
+def test_auto_takes_the_compiled_ssd_and_conv_for_mamba2_on_a_cpu():
+    from torch.profiler import ProfilerActivity, profile
+
+    mixer = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="auto"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mixer(torch.randn(1, 9, 32))[0].sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"_CompiledRecurrence", "_CompiledRecurrenceBackward", "_CompiledConvSiLU", "_CompiledConvSiLUBackward"} <= names

@@ -197,15 +197,6 @@ def test_autocast_bf16_runs_scan_in_float32():
     torch.testing.assert_close(y.float(), m(u)[0], rtol=0.05, atol=0.05)
 
 
-def test_auto_backend_on_cpu_is_torch():
-    torch.manual_seed(0)
-    auto = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="auto"))
-    torch_path = Mamba2(Mamba2Config(n_layer=1, d_model=32, d_state=8, headdim=8, backend="torch"))
-    torch_path.load_state_dict(auto.state_dict())
-    u = torch.randn(1, 9, 32)
-    assert torch.equal(auto(u)[0], torch_path(u)[0])
-
-
 # --- CUDA kernels --------------------------------------------------------------------------
 
 @run_if(cuda=True, kernels=KERNELS)

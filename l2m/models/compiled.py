@@ -358,3 +358,19 @@ class _CompiledRecurrence(torch.autograd.Function):
         )
         return dq, dk, dv, dbeta, dlog_decay, dh0
 
+
+def compiled_ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mamba2's SSD scan (``l2m.models.ssd.ssd_chunked``'s arguments) on the compiled recurrence: the
+    SSM is linear attention with one decay per head (the SSD duality), q = C_t, k = B_t, v = dt_t x_t
+    and log-decay dt_t A, its state hᵀ (n x p).
+
+    x: (b, T, h, p); dt: (b, T, h), softplus applied; A: (h,) < 0; B, C: (b, T, g, n); D: (h,);
+    initial_state: (b, h, p, n). Returns y (b, T, h, p) and the state after the last step (b, h, p, n)."""
+    heads_per_group = x.shape[2] // B.shape[2]
+    B, C = (t.repeat_interleave(heads_per_group, dim=2) for t in (B, C))  # (b, T, h, n)
+    initial = None if initial_state is None else initial_state.transpose(-1, -2)
+    y, last = compiled_recurrence(C, B, x * dt.unsqueeze(-1), log_decay=dt * A, initial_state=initial)
+    if D is not None:
+        y = y + x * D.unsqueeze(-1)
+    return y, last.transpose(-1, -2)

@@ -7,10 +7,10 @@ backend, one setting for every mixer that has kernels:
               is installed too one fused autograd function per mixer (mamba_inner_fn,
               mamba_split_conv1d_scan_combined) that recomputes activations in its backward;
               fla-core's chunked Triton ops for linear attention and DeltaNet;
-  "compiled"  (Mamba, linear attention, DeltaNet) the compiled CPU loops of l2m.models.compiled (CPU
+  "compiled"  (Mamba, Mamba2, linear attention, DeltaNet) the compiled CPU loops of l2m.models.compiled (CPU
               tensors only);
   "auto"      the kernels when importable and the input is on CUDA, the compiled loops where they
-              build and the input is on a CPU (Mamba, linear attention, DeltaNet), else torch;
+              build and the input is on a CPU (Mamba, Mamba2, linear attention, DeltaNet), else torch;
   "reference" (Mamba only) the sequential per-token scan, for tests and benchmarks.
 """
 

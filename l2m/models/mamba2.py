@@ -1,9 +1,10 @@
 """Mamba2 mixer (SSD), parameter-compatible with mamba_ssm.modules.mamba2.Mamba2.
 
 Parameter names, shapes and initialisation follow mamba-ssm, so a state dict moves between our
-PyTorch path (`backend="torch"`, runs anywhere) and the CUDA kernels (`backend="kernels"`:
-mamba-ssm's `mamba_chunk_scan_combined`, plus causal-conv1d when installed); see
-l2m.models.kernels.
+PyTorch path (`backend="torch"`, runs anywhere), the compiled CPU loops (`backend="compiled"`: the
+SSD scan as the linear-attention recurrence, and Mamba's fused conv + SiLU) and the CUDA kernels
+(`backend="kernels"`: mamba-ssm's `mamba_chunk_scan_combined`, plus causal-conv1d when installed);
+see l2m.models.kernels.
 
 History state per sequence (spec §3): ssm = nheads·headdim·d_state, conv = conv_dim·(d_conv−1),
 with conv_dim = d_inner + 2·ngroups·d_state. Step mode carries exactly those tensors; the SSM
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from l2m.checks import UserError
+from l2m.models.compiled import compiled_causal_conv1d_silu, compiled_ssd, require_compiled, use_compiled
 from l2m.models.config import MixerConfig
 from l2m.models.kernels import causal_conv1d, causal_conv1d_carry, kernels_available, load_kernels, require_kernels, use_kernels
 from l2m.models.mamba import ssm_state_dtype
 from l2m.models.ssd import ssd_chunked, ssd_step
 
-BACKENDS = ("auto", "torch", "kernels")
+BACKENDS = ("auto", "torch", "compiled", "kernels")
 KERNELS = ("mamba_chunk_scan_combined",)  # causal_conv1d_fn too where installed
 # the memory-efficient training path, taken where both import
 FUSED_KERNELS = ("mamba_split_conv1d_scan_combined", "causal_conv1d_fn")
@@ -85,6 +87,7 @@ class Mamba2Config(MixerConfig):
                 "change ngroups or headdim"
             )
         require_kernels("Mamba2", self.backend, KERNELS)
+        require_compiled("Mamba2", self.backend)
 
 
 class RMSNormGated(nn.Module):
@@ -161,6 +164,7 @@ class Mamba2(nn.Module):
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: input must be (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         kernels = state is None and use_kernels("Mamba2", self.backend, KERNELS, u)
+        compiled = not kernels and use_compiled("Mamba2", self.backend, u)
         zxbcdt = self.in_proj(u)  # (b, T, d_inner + conv_dim + h)
         if kernels and kernels_available(*FUSED_KERNELS):
             y = load_kernels().mamba_split_conv1d_scan_combined(  # (b, T, d_model)
@@ -187,6 +191,8 @@ class Mamba2(nn.Module):
         if conv_fn is not None:
             xBC = conv_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
             xBC = xBC.transpose(1, 2)  # (b, T, conv_dim)
+        elif compiled and state is None:  # channels last: a view of in_proj's output, no copy
+            xBC = compiled_causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)  # (b, T, conv_dim)
         elif state is not None:
             xBC, conv_state = causal_conv1d_carry(xBC.transpose(1, 2), self.conv1d, state[0])
             xBC = F.silu(xBC.transpose(1, 2).contiguous())  # (b, T, conv_dim)
@@ -205,7 +211,10 @@ class Mamba2(nn.Module):
             with torch.autocast(u.device.type, enabled=False):
                 x, dt, A, B, C, D = self._scan_inputs(x, dt, B, C)
                 chunk = min(self.chunk_size, CPU_CHUNK_SIZE) if u.device.type == "cpu" else self.chunk_size
-                if state is None:
+                if compiled:
+                    y, ssm_state = compiled_ssd(x, dt, A, B, C, D, None if state is None else state[1].to(x.dtype))
+                    ssm_state = None if state is None else ssm_state.to(state[1].dtype)
+                elif state is None:
                     y = ssd_chunked(x, dt, A, B, C, chunk, D=D)  # (b, T, h, p)
                 else:
                     y, ssm_state = ssd_chunked(x, dt, A, B, C, chunk, D=D, initial_state=state[1].to(x.dtype),
