@@ -120,19 +120,20 @@ class Paired:
     """The model against a reference predictor on the same held-out sequences."""
 
     reference: Tensor  # (L,) float64: the reference's KL_i on these sequences
-    difference: float  # model − reference: KL averaged over positions and sequences (nats/token)
-    se: float  # the SE of `difference` over sequences (each sequence's average difference)
+    difference: float  # model − reference: KL averaged over positions (or summed after a split) and sequences
+    se: float  # the SE of `difference` over sequences (each sequence's own difference)
 
     def on(self, z: float = 2.0) -> bool:
         """Within z paired SEs (an exact match, SE 0, within rounding)."""
         return abs(self.difference) <= z * self.se + 1e-9
 
 
-def paired_reference(metrics: Positionwise, model: torch.nn.Module, prediction: Callable) -> Paired:
+def paired_reference(metrics: Positionwise, model: torch.nn.Module, prediction: Callable, after: int | None = None) -> Paired:
     """The model's KL on its held-out sequences against the KL, under the model's own output adapter,
     of `prediction(batch)` (a reference's prediction in the adapter's form): per position and as an
-    average difference with its paired SE. Sums are all-reduced under torch.distributed, as in
-    evaluate_positionwise, so every rank returns the whole set's numbers."""
+    average difference with its paired SE; with `after`, the difference of the KL summed over the
+    positions after it (the tail a linear-state bound counts). Sums are all-reduced under
+    torch.distributed, as in evaluate_positionwise, so every rank returns the whole set's numbers."""
     if metrics.heldout is None:
         raise UserError("paired references need the held-out batches: evaluate with keep_heldout=True")
     heldout = metrics.heldout
@@ -141,7 +142,8 @@ def paired_reference(metrics: Positionwise, model: torch.nn.Module, prediction: 
     for batch, model_kl in zip(heldout.batches, heldout.kl):
         reference = model.decoder.losses(prediction(batch), batch)["kl"].double()  # (B, L)
         curve += reference.sum(0)
-        differences.append((model_kl - reference).mean(1))  # (B,)
+        difference = model_kl - reference  # (B, L)
+        differences.append(difference.mean(1) if after is None else difference[:, after:].sum(1))  # (B,)
     differences = torch.cat(differences)
     packed = torch.cat([curve, torch.stack([differences.sum(), (differences**2).sum(),
                                             torch.tensor(float(len(differences)), device=curve.device)])])
@@ -201,6 +203,15 @@ def _paired_windows(metrics: Positionwise, model: torch.nn.Module, data, windows
     return paired, low
 
 
+def _paired_linear_state(metrics: Positionwise, model: torch.nn.Module, data, split: int) -> Paired | None:
+    """The model's KL summed after `split` against the best linear state of its size there
+    (`bound_state_size`) on its own held-out sequences; None where the data has no such prediction."""
+    dim = model.bound_state_size(split)
+    if metrics.heldout is None or data.linear_state_prediction(dim, split, metrics.heldout.batches[0]) is None:
+        return None
+    return paired_reference(metrics, model, lambda batch: data.linear_state_prediction(dim, split, batch), after=split)
+
+
 def analyse_state(
     metrics: Positionwise,
     model: torch.nn.Module,
@@ -231,12 +242,15 @@ def analyse_state(
     the model matches within `paired_z` paired SEs.
     bound_half / tail_kl_half: the linear-state bound for the model's state at the data's
     `history_split` (its SSM state or KV cache: `SequenceModel.bound_state_size`) and the model's KL
-    summed over the positions after it.
+    summed over the positions after it. kl_minus_linear_state (± _se, paired; unbounded receptive
+    fields): that tail KL against the best linear state of the model's size run on the same held-out
+    sequences (`linear_state_prediction`), whose tail KL there is heldout_linear_state_kl.
     Verdicts: with a bounded receptive field, state_limited = on the window floor of that field,
     within `paired_z` paired SEs or `floor_tolerance` of it (relative: the SE alone shrinks with the
     held-out set until no trained model sits on anything), training_limited = above by more; else state_limited = tail KL within
-    `tolerance` (relative) of the bound and training_limited = above it by more, while the
-    effective context is at most `context_fraction`·split (None where the data knows no bound).
+    `tolerance` (relative) of the bound, or `paired_z` paired SEs of the paired linear state, and
+    training_limited = above it by more, while the effective context is at most
+    `context_fraction`·split (None where the data knows no bound).
     """
     nocontext = data.window_kl(0)
     if nocontext is None or metrics.kl is None:
@@ -277,17 +291,20 @@ def analyse_state(
         bound = data.state_bound(model.bound_state_size(split), split)
         tail_bound[split - 1] = float("nan") if bound is None else bound
     bound_half, tail_half = float(tail_bound[half - 1]), float(tail_kl[half - 1])
+    linear = None if bounded or math.isnan(bound_half) else _paired_linear_state(metrics, model, data, half)
     verdicts = {"state_limited": None, "training_limited": None}
     if bounded:  # the window floor of its receptive field: within z paired SEs or floor_tolerance of it
         difference, floor_kl = floor["kl_minus_floor"], window_avg_kl[str(receptive)]
         margin = max(paired_z * (floor["kl_minus_floor_se"] or 0.0), floor_tolerance * floor_kl) + 1e-9
         verdicts = {"state_limited": bool(abs(difference) <= margin), "training_limited": bool(difference > margin)}
-    elif not math.isnan(bound_half):
-        above = tail_half > (1 + tolerance) * bound_half + 1e-9
+    elif not math.isnan(bound_half):  # paired where the data predicts as the best linear state would
+        difference, se = (tail_half - bound_half, 0.0) if linear is None else (linear.difference, linear.se)
+        margin = max(paired_z * se, tolerance * bound_half) + 1e-9
         verdicts = {
-            "state_limited": bool(abs(tail_half - bound_half) <= tolerance * bound_half + 1e-9),
-            "training_limited": bool(above and effective is not None and effective <= context_fraction * half),
+            "state_limited": bool(abs(difference) <= margin),
+            "training_limited": bool(difference > margin and effective is not None and effective <= context_fraction * half),
         }
+    on_linear_state = ["linear_state"] if linear is not None and linear.on(paired_z) else []
     summary = {
         "effective_context": effective,
         "effective_context_searched_up_to": searched,
@@ -296,16 +313,22 @@ def analyse_state(
         "window_avg_kl": window_avg_kl,
         "heldout_window_kl": {str(k): float(p.reference.mean()) for k, p in sorted(paired.items()) if k in named},
         "kl_minus_window": {str(k): [p.difference, p.se] for k, p in sorted(paired.items()) if k in named},
-        "on_references": [_window_name(k) for k, p in sorted(paired.items()) if k in named and p.on(paired_z)],
+        "on_references": [_window_name(k) for k, p in sorted(paired.items()) if k in named and p.on(paired_z)]
+        + on_linear_state,
         **floor,
         "bound_half": None if math.isnan(bound_half) else bound_half,
         "tail_kl_half": tail_half,
+        "kl_minus_linear_state": None if linear is None else linear.difference,
+        "kl_minus_linear_state_se": None if linear is None else linear.se,
+        "heldout_linear_state_kl": None if linear is None else float(linear.reference[half:].sum()),
         **verdicts,
         "verdict_tolerance": tolerance,
         "paired_z": paired_z,
         "floor_tolerance": floor_tolerance,
     }
     heldout = {f"heldout_{_window_name(k)}": p.reference for k, p in sorted(paired.items()) if k in named}
+    if linear is not None:
+        heldout["heldout_linear_state"] = linear.reference
     return StateAnalysis(references, tail_kl, tail_bound, summary, heldout)
 
 

@@ -65,6 +65,12 @@ class L2MData(Protocol):
         held-out sequences themselves, it gives references paired with the model's KL."""
         return None
 
+    def linear_state_prediction(self, dim: int, split: int, batch: Any) -> Any:
+        """What the best predictor that keeps `dim` scalars linear in the first `split` tokens predicts
+        for a batch, in the output adapter's form; None where unknown or not cheap. On the held-out
+        sequences it pairs the model's KL after the split with `state_bound` on those very sequences."""
+        return None
+
     def state_bound(self, dim: int, split: int) -> float | None:
         """Least KL over positions split+1..L of any predictor that keeps `dim` scalars of the first
         `split` tokens (the linear-state form of the L²M bound), None where unknown."""
@@ -79,7 +85,7 @@ class L2MData(Protocol):
 
 _MEMBERS = ("task", "seq_len", "history_split", "history_split_label", "length_options", "runtime_options",
             "path_options", "reference_family", "answer_positions", "answer_chance", "io_config", "bipartite_mi_half", "nll_floor",
-            "window_kl", "window_prediction", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
+            "window_kl", "window_prediction", "linear_state_prediction", "state_bound", "val_dataloader", "on_before_batch_transfer", "on_after_batch_transfer")
 
 
 def check_data(datamodule: object) -> L2MData:

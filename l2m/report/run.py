@@ -139,6 +139,7 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         keys += ["initial_avg_nll", "avg_nll", "avg_nll_se", "nll_first_quarter", "nll_last_quarter"]
     keys += [key for key in ("answer_kl", "answer_accuracy", "answer_chance", "effective_context", "utilization", "receptive_field",
                              "floor_reference", "kl_minus_floor", "kl_minus_floor_se", "tail_kl_half", "bound_half",
+                             "heldout_linear_state_kl", "kl_minus_linear_state", "kl_minus_linear_state_se",
                              "state_limited", "training_limited", "still_falling") if key in summary]
     shown = set(keys) | NOT_SHOWN | {k for k in summary if k.startswith(("avg_", "initial_", "kl_", "nll_"))}
     keys += [key for key, value in summary.items()
@@ -159,6 +160,9 @@ def print_summary(summary: Mapping, paths: Mapping[str, Path]) -> None:
         "kl_minus_floor_se": "its SE (paired over sequences)",
         "tail_kl_half": f"KL after {split} (sum)",
         "bound_half": f"linear-state bound after {split}",
+        "heldout_linear_state_kl": "  its best linear state's, on these sequences",
+        "kl_minus_linear_state": f"KL after {split} − best linear state (same sequences)",
+        "kl_minus_linear_state_se": "its SE (paired over sequences)",
         "answer_kl": "KL on the answers",
         "answer_accuracy": "answer accuracy (top-1)",
         "answer_chance": "  chance: a value of the context (1/P)",

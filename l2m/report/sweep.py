@@ -44,6 +44,7 @@ COLUMNS = [
     "answer_kl", "answer_accuracy", "answer_chance",
     "kl_first_quarter", "kl_last_quarter", "initial_avg_kl", "effective_context", "utilization", "receptive_field",
     "floor_reference", "kl_minus_floor", "kl_minus_floor_se", "tail_kl_half", "bound_half",
+    "kl_minus_linear_state", "kl_minus_linear_state_se",
     "state_limited", "training_limited", "converged", "lr", "lr_grid", "grid_kl_max", "best_lr_at_edge", "best_of_grid",
 ]
 NEEDED = ["model", "seq_len", "dim_z_half", "i_bp_half", "avg_kl"]
@@ -214,6 +215,8 @@ def sweep_rows(records: list[RunRecord], state: str = "ssm") -> tuple[list[dict]
             "lr": _learning_rate(record),
             "tail_kl_half": s.get("tail_kl_half"),
             "bound_half": s.get("bound_half"),
+            "kl_minus_linear_state": s.get("kl_minus_linear_state"),
+            "kl_minus_linear_state_se": s.get("kl_minus_linear_state_se"),
             "state_limited": s.get("state_limited"),
             "training_limited": s.get("training_limited"),
             "converged": None if s.get("still_falling") is None else not s["still_falling"],
@@ -677,6 +680,7 @@ TABLE = [("series", "series"), ("model", "preset"), ("params", "params"), ("seq_
          ("effective_context", "eff. context"), ("utilization", "utilization"), ("receptive_field", "receptive field"),
          ("floor_reference", "floor"), ("kl_minus_floor", "KL − floor"), ("kl_minus_floor_se", "± paired SE"),
          ("tail_kl_half", "KL after split"), ("bound_half", "bound"),
+         ("kl_minus_linear_state", "KL after split − linear state"), ("kl_minus_linear_state_se", "± paired SE"),
          ("state_limited", "state-limited"), ("training_limited", "training-limited"), ("converged", "converged"),
          ("lr", "lr"), ("lr_grid", "lr grid"), ("grid_kl_max", "grid's worst KL"), ("best_lr_at_edge", "best lr at edge")]
 

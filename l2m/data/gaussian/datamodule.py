@@ -46,6 +46,8 @@ _TRAIN, _VAL = 0, 1  # stream tags: train and validation noise never share a gen
 # gradients, and the adapters' activations: 59 measured (peak RSS 6.9 GB at B=16, L=64, 100,000 copies).
 BYTES_PER_BATCH_NUMBER = 60
 LARGE_BATCH_BYTES = 1e9
+# Longest L with a paired linear-state reference: its (d + L/2)-square factor is 2 GB at L = 16,384
+LINEAR_STATE_MAX_LEN = 4096
 
 # Module-level, so that functools.partial of them pickles into DataLoader workers.
 def _train_batch(family: GaussianFamily, batch_size: int, seed: int, rank: int, index: int) -> dict:
@@ -131,6 +133,13 @@ class GaussianDataModule(DrawnDataModule):
     def window_prediction(self, k: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact window-k predictor's (mean, std) for a batch of sequences: its KL averages to window_kl(k)."""
         return self.family.window_prediction(k, batch["x"])
+
+    def linear_state_prediction(self, dim: int, split: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The best linear state of dim scalars' (mean, std) for a batch (its KL after split averages to
+        state_bound(dim, split)); None above LINEAR_STATE_MAX_LEN tokens, where its factor stops being cheap."""
+        if self.seq_len > LINEAR_STATE_MAX_LEN:
+            return None
+        return self.family.linear_state_prediction(dim, batch["x"], split)
 
     def state_bound(self, dim: int, split: int) -> float:
         """Least KL over positions split+1..L of a predictor that keeps dim scalars, linear in z_1..z_split."""

@@ -211,14 +211,33 @@ def _window_coefficients(levels: int, kind: str, k: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _canonical_correlations(levels: int, kind: str, split: int) -> torch.Tensor:
+def _whitened_cross(levels: int, kind: str, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_X (the Cholesky factor of Σ_XX), L_X⁻¹ Σ_XY and K = L_X⁻¹ Σ_XY L_Y⁻ᵀ for X = z_1..z_split,
+    Y = the rest (one copy): K's singular values are the canonical correlations."""
     cov = _covariance(levels, kind)
     left = _cholesky(levels, kind)[:split, :split]  # the leading block of R factors Σ_XX
     right = torch.linalg.cholesky(cov[split:, split:])
-    whitened = torch.linalg.solve_triangular(left, cov[:split, split:], upper=False)  # L_X⁻¹ Σ_XY
-    whitened = torch.linalg.solve_triangular(right, whitened.T, upper=False).T  # ... L_Y⁻ᵀ
-    return torch.linalg.svdvals(whitened).clamp(max=1.0 - 1e-15)
+    cross = torch.linalg.solve_triangular(left, cov[:split, split:], upper=False)  # L_X⁻¹ Σ_XY
+    return left, cross, torch.linalg.solve_triangular(right, cross.T, upper=False).T  # ... L_Y⁻ᵀ
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical_correlations(levels: int, kind: str, split: int) -> torch.Tensor:
+    return torch.linalg.svdvals(_whitened_cross(levels, kind, split)[2]).clamp(max=1.0 - 1e-15)
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_state_factors(levels: int, kind: str, split: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best state of d scalars linear in X = z_1..z_split (one copy): its map A (d, split), s = A X
+    along the d leading canonical directions (Cov(s) = I), and the Cholesky factor of Cov([s; Y])."""
+    cov = _covariance(levels, kind)
+    left, cross, k = _whitened_cross(levels, kind, split)
+    directions = torch.linalg.svd(k, full_matrices=False).U[:, :d]  # (split, d), whitened coordinates
+    state_map = torch.linalg.solve_triangular(left.T, directions, upper=True).T  # (d, split): s = uᵀ L_X⁻¹ X
+    state_y = directions.T @ cross  # (d, L − split): Cov(s, Y)
+    joint = torch.cat([torch.cat([torch.eye(d, dtype=torch.float64), state_y], 1),
+                       torch.cat([state_y.T, cov[split:, split:]], 1)])
+    return state_map, torch.linalg.cholesky(joint)
 
 
 class GaussianFamily:
@@ -337,6 +356,39 @@ class GaussianFamily:
         # that carries every direction gets exactly 0 (an empty sum) on any BLAS.
         not_carried = per_direction.repeat_interleave(self.copies)[d:]  # every copy has the spectrum
         return float(not_carried.flip(0).sum())  # smallest first; every term is ≥ 0
+
+    def linear_state_prediction(self, d: int, x: torch.Tensor, split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best predictor whose only access to X = z_1..z_split is a d-dimensional linear state (the
+        d leading canonical directions over all copies, as linear_state_bound counts them), on
+        sequences x shaped like `sample`'s output: its (mean (B, L, copies), std (1, L, copies)),
+        float64. At positions after the split it predicts z_i from the state and z_split+1..z_i-1,
+        before it from the whole past (the exact conditional). Averaged over sequences its KL summed
+        over the positions after the split is `linear_state_bound(d, split)`; on a fixed held-out set
+        it is that set's own linear-state floor. Where the d-th largest correlation is tied with the
+        next (a degenerate spectrum), every choice within the tie is optimal: this takes the SVD's,
+        and another optimal state differs from it on each sequence, not in expectation. Cost: an (d + L − split)-square Cholesky factor
+        once, then B·(d + L − split)² per copy."""
+        split = self.seq_len // 2 if split is None else check_int("split", split, 1, self.seq_len - 1)
+        check_int("d", d, 0)
+        if x.dim() != 3 or x.shape[1:] != (self.seq_len + 1, self.copies):
+            raise UserError(f"x must have shape (batch, {self.seq_len + 1}, {self.copies}) = (batch, L+1, copies) "
+                            f"with BOS at index 0, got {tuple(x.shape)}")
+        z = x[:, 1:].to(torch.float64)  # (B, L, copies)
+        r = self._cholesky_on(z.device)
+        noise = torch.linalg.solve_triangular(r, z.transpose(0, 1).reshape(self.seq_len, -1), upper=False)
+        sigma = r.diagonal()[None, :, None]  # (1, L, 1)
+        mean = z - sigma * noise.view(self.seq_len, z.shape[0], -1).transpose(0, 1)  # the exact conditional
+        std = sigma.expand(1, self.seq_len, self.copies).clone()
+        rank = min(split, self.seq_len - split)
+        for copy in range(self.copies):
+            carried = min(rank, len(range(copy, d, self.copies)))  # the leading d of the spectra repeated per copy
+            state_map, factor = (t.to(z.device) for t in _linear_state_factors(self.levels, self.kind, split, carried))
+            known = torch.cat([z[:, :split, copy] @ state_map.T, z[:, split:, copy]], 1)  # (B, carried + L − split): [s; Y]
+            scale = factor.diagonal()
+            innovation = torch.linalg.solve_triangular(factor, known.T, upper=False).T
+            mean[:, split:, copy] = (known - scale * innovation)[:, carried:]
+            std[0, split:, copy] = scale[carried:]
+        return mean, std
 
     def conditional_entropy(self) -> torch.Tensor:
         """(L,) float64: H(Z_i | Z_<i) = ½ log(2πe σ_i²) summed over copies — the NLL floor."""
