@@ -22,7 +22,7 @@ from l2m.models.compiled import (
     compiler,
     library_path,
 )
-from l2m.models import build_model, model_config
+from l2m.models import build_model
 from l2m.models.deltanet import delta_rule_chunked
 from l2m.models.kernels import causal_conv1d
 from l2m.models.linear_attention import linear_attention_chunked

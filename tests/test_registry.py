@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, REPO, run_script
+from conftest import CONF, REPO
 from l2m.jobs.run import train
 from l2m.models import ARCHITECTURES, GPTConfig, Mamba2Config, MambaConfig, MixerConfig, model_config
 from l2m.models import register_architecture
