@@ -118,8 +118,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         library = ctypes.CDLL(str(build()))
     except (CompileError, OSError) as err:  # OSError: a library that does not load
-        warnings.warn(f"l2m: the compiled CPU loops are not available ({err}); on a CPU Mamba, linear attention and "
-                      "DeltaNet run their pure-PyTorch paths, 2-5x slower a step", stacklevel=2)
+        warnings.warn(f"l2m: the compiled CPU loops are not available ({err}); on a CPU Mamba, Mamba2, linear attention "
+                      "and DeltaNet run their pure-PyTorch paths, 1.4-5x slower a step", stacklevel=2)
         return None, str(err)
     for saved in (library.l2m_scan_saved_states, library.l2m_recurrence_saved_states):
         saved.restype = ctypes.c_int64  # ctypes would read an int

@@ -9,7 +9,9 @@ none) or exp(−exp(A_log)·softplus(a_t + dt_bias)) (gated, Mamba2's decay):
 q and k pass a short convolution and SiLU and are L2-normalised (q then scaled by d_k^-1/2), so
 each step writes the new value for key k_t and keeps the rest. `delta_rule_chunked` evaluates a
 sequence by chunks in the WY form (triangular solves and matmuls; Yang et al. 2024), `delta_rule_step`
-is one step (step mode). History state: n_head·d_k·d_v, plus the short convolution's inputs.
+is one step (step mode); on a CPU, `l2m.models.compiled.compiled_recurrence` runs the recurrence
+itself as a compiled loop (backend compiled, auto's choice there). History state: n_head·d_k·d_v,
+plus the short convolution's inputs.
 
 Shapes: b batch, T time, h heads, c chunks, l/s positions in a chunk, k/v the dims per head.
 """

@@ -8,7 +8,8 @@ Per head, with a state S of d_k × d_v scalars (fla's convention):
 α_t = 1 (none), γ_h (fixed: RetNet's 1 − 2^(−5−h)), or sigmoid(gate(x_t))^(1/τ) per key channel
 (gated). `linear_attention_chunked` evaluates a whole sequence with matmuls over chunks of Q tokens
 (Yang et al. 2024's chunkwise form), `linear_attention_step` is one step of the recurrence (step
-mode). History state per sequence: n_head·d_k·d_v, plus the short convolution's (d_conv − 1)
+mode); on a CPU, `l2m.models.compiled.compiled_recurrence` runs the recurrence itself as a compiled
+loop (backend compiled, auto's choice there). History state per sequence: n_head·d_k·d_v, plus the short convolution's (d_conv − 1)
 inputs of q, k and v where d_conv > 1.
 
 Shapes: b batch, T time, h heads, c chunks, l/s positions in a chunk (l output, s input),
