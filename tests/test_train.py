@@ -68,7 +68,7 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["position", "kl", "nll", "nll_floor", "kl_nocontext", "kl_window1", "kl_window4",
                              "kl_window16", "heldout_nocontext", "heldout_window1", "heldout_window4",
-                             "heldout_window16", "tail_kl", "tail_bound"] and len(rows) == 64
+                             "heldout_window16", "heldout_linear_state", "tail_kl", "tail_bound"] and len(rows) == 64
     family = GaussianFamily(3, copies=64)
     floor = family.conditional_entropy()
     tail = 0.0
@@ -77,6 +77,8 @@ def test_main_job_writes_positionwise_metrics_checkpoints_config(main_run):
         tail += float(row["kl"])
         assert float(row["kl_window4"]) == pytest.approx(float(family.window_kl(4)[i]), rel=1e-12)
         assert float(row["heldout_window4"]) == 0.0 if i <= 4 else float(row["heldout_window4"]) > 0
+        # a linear state of 8,192 scalars holds all 32 x 64 scalars of the history: the exact conditional
+        assert abs(float(row["heldout_linear_state"])) < 1e-9
     # the bound at L/2 for the model's KV cache there (2 x 2 layers x 64 x 32 tokens = 8,192 scalars)
     assert float(rows[31]["tail_bound"]) == family.linear_state_bound(8192, 32) == 0.0
     assert rows[7]["tail_bound"] == rows[39]["tail_bound"] == ""  # off the grid of splits (8 and 40)
