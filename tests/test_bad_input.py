@@ -88,6 +88,9 @@ TRAIN_CASES = {
     "a callback argument that does not exist": (["+callbacks.throughput.windows=3"],
                                                 "callbacks.throughput (l2m.training.throughput.ThroughputCallback): "
                                                 "ThroughputCallback.__init__() got an unexpected keyword argument 'windows'"),
+    "a batch capped by tokens without the length": (["data.batch_size='${l2m.batch_within_tokens:32,1024,${.seq_len}}'"],
+                                                    "error: data.batch_size: the batch size is capped by tokens per step, "
+                                                    "which needs the sequence length: give data.seq_len=<tokens>, not None"),
     "seq_len and levels that disagree": (["data.seq_len=16", "data.levels=3"],
                                          "seq_len=16 (levels=2) and levels=3 (L = 64) disagree: give one of them"),
     "a local tokenizer file that is not there": (["data=text", "data.seq_len=16", "data.tokenizer=./nowhere/tokenizer.json"],

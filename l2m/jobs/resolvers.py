@@ -3,6 +3,7 @@ Hydra resolves a config): `${l2m.<name>:...}`."""
 
 from omegaconf import OmegaConf
 
+from l2m.checks import UserError
 from l2m.data.gaussian import levels_of_length
 from l2m.jobs.cluster import cpus_per_task, devices_per_node, gpus_per_node, run_name, sweep_id, wandb_names
 
@@ -18,6 +19,15 @@ def gaussian_levels(seq_len: int | None) -> int | None:
         return None
 
 
+def batch_within_tokens(batch_size: int, max_tokens: int, seq_len: int) -> int:
+    """data.batch_size: batch_size sequences, fewer where they would pass max_tokens tokens per step (at
+    least one), so that a sweep over L spends at most the same tokens on a step at every L."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise UserError("the batch size is capped by tokens per step, which needs the sequence length: "
+                        f"give data.seq_len=<tokens>, not {seq_len!r}")
+    return max(1, min(batch_size, max_tokens // seq_len))
+
+
 # name: (function, cached). Cached: a run's directory is computed once, and every job of a sweep reads it.
 RESOLVERS = {
     "run_dir_name": (run_name, True),
@@ -28,6 +38,7 @@ RESOLVERS = {
     "gpus_per_node": (gpus_per_node, False),
     "cpus_per_task": (cpus_per_task, False),
     "gaussian_levels": (gaussian_levels, False),
+    "batch_within_tokens": (batch_within_tokens, False),
 }
 for name, (function, cached) in RESOLVERS.items():
     OmegaConf.register_new_resolver(f"l2m.{name}", function, use_cache=cached, replace=True)

@@ -28,6 +28,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from l2m.checks import BAD_INPUT, UserError, check_device, check_int, one_line_errors
 from l2m.data import with_current_target
@@ -87,7 +88,15 @@ def report_errors() -> Iterator[None]:
         with one_line_errors(NonFiniteLossError, CheckpointWriteError,
                              path_hint="check the path, or choose one you can write to (hydra.run.dir=..., "
                                        "data.cache_dir=...)"):
-            yield
+            try:
+                yield
+            except InterpolationResolutionError as error:  # an l2m resolver's check of a config value
+                cause = error
+                while cause is not None and not isinstance(cause, UserError):
+                    cause = cause.__context__  # OmegaConf re-raises a resolver's error without `from`
+                if cause is None:
+                    raise
+                raise UserError(f"{error.full_key}: {cause}") from error
     except RunStopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_status)
