@@ -185,6 +185,11 @@ def test_paper_gaussian_sweeps_cover_figure_3():
     assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.data.batch_size) == (500_000, "32-true", 4)
 
 
+def test_window_cpu_spends_at_most_1024_tokens_a_step():
+    batches = {cfg.data.seq_len: cfg.data.batch_size for cfg in sweep_jobs("window-cpu")}
+    assert batches == {16: 32, 64: 16, 256: 4}
+
+
 def test_evaluate_config_composes():
     from hydra import compose, initialize_config_dir
 
