@@ -91,6 +91,9 @@ TRAIN_CASES = {
     "a batch capped by tokens without the length": (["data.batch_size='${l2m.batch_within_tokens:32,1024,${.seq_len}}'"],
                                                     "error: data.batch_size: the batch size is capped by tokens per step, "
                                                     "which needs the sequence length: give data.seq_len=<tokens>, not None"),
+    "a token-capped batch of no sequences": (["data.seq_len=16", "data.levels=null",
+                                              "data.batch_size='${l2m.batch_within_tokens:0,1024,${.seq_len}}'"],
+                                             "error: data.batch_size: batch_within_tokens's batch size must be an int >= 1, got 0"),
     "seq_len and levels that disagree": (["data.seq_len=16", "data.levels=3"],
                                          "seq_len=16 (levels=2) and levels=3 (L = 64) disagree: give one of them"),
     "a local tokenizer file that is not there": (["data=text", "data.seq_len=16", "data.tokenizer=./nowhere/tokenizer.json"],

@@ -3,7 +3,7 @@ Hydra resolves a config): `${l2m.<name>:...}`."""
 
 from omegaconf import OmegaConf
 
-from l2m.checks import UserError
+from l2m.checks import UserError, check_ints
 from l2m.data.gaussian import levels_of_length
 from l2m.jobs.cluster import cpus_per_task, devices_per_node, gpus_per_node, run_name, sweep_id, wandb_names
 
@@ -25,6 +25,8 @@ def batch_within_tokens(batch_size: int, max_tokens: int, seq_len: int) -> int:
     if not isinstance(seq_len, int) or seq_len < 1:
         raise UserError("the batch size is capped by tokens per step, which needs the sequence length: "
                         f"give data.seq_len=<tokens>, not {seq_len!r}")
+    check_ints(**{"batch_within_tokens's batch size": (batch_size, 1),
+                  "batch_within_tokens's tokens a step": (max_tokens, 1)})
     return max(1, min(batch_size, max_tokens // seq_len))
 
 
