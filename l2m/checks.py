@@ -49,6 +49,14 @@ def check_device(option: str, device: str) -> str:
     return device
 
 
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then the error it was raised from or during (`__cause__`, else `__context__`), and so on:
+    libraries that re-raise their own error (OmegaConf, torch.save) keep the one that says what happened there."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 # Bad input: what every l2m command reports in one line. ConnectionError: a hub dataset or model that
 # cannot be reached; ImportError: an optional package a chosen option needs.
 BAD_INPUT = (UserError, FileNotFoundError, ImportError, ConnectionError)

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from l2m.checks import BAD_INPUT, UserError, check_device, check_int, one_line_errors
+from l2m.checks import BAD_INPUT, UserError, check_device, check_int, error_chain, one_line_errors
 from l2m.data import with_current_target
 from l2m.data.contract import L2MData, check_data
 from l2m.data.text.hub import looks_like_local_path
@@ -91,9 +91,7 @@ def report_errors() -> Iterator[None]:
             try:
                 yield
             except InterpolationResolutionError as error:  # an l2m resolver's check of a config value
-                cause = error
-                while cause is not None and not isinstance(cause, UserError):
-                    cause = cause.__context__  # OmegaConf re-raises a resolver's error without `from`
+                cause = next((e for e in error_chain(error) if isinstance(e, UserError)), None)
                 if cause is None:
                     raise
                 raise UserError(f"{error.full_key}: {cause}") from error

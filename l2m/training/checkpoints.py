@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from l2m.checks import error_chain
 from l2m.models import UnreadableCheckpointError, read_checkpoint
 
 PARTIAL_MARK = ".partial-"
@@ -29,11 +30,7 @@ class CheckpointWriteError(OSError):
 
 def _out_of_space(error: BaseException | None) -> bool:
     """Whether a write failed for want of space: torch.save reports ENOSPC as the context of its own error."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in error_chain(error))
 
 
 def _fsync_directory(directory: Path) -> None:
